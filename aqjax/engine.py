@@ -1,0 +1,182 @@
+"""Host-side driver of the compiled decode loop: bucketing, streaming and results.
+
+The host turns requests into arrays once, pads them into shape buckets (powers of two for the batch, the
+prompt length and the output length), and then only calls compiled functions: one `start`, and either
+one `decode_until_done` or one `decode_chunk` per streamed chunk. A second request of a known bucket never
+recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aqjax import decode as _decode
+from aqjax.cache import KVCache
+from aqjax.sampling import SamplingConfig, SamplingParams
+from models.config import LlamaConfig
+from models.params import Params, pack_params
+
+FINISH_NAMES = {
+    _decode.RUNNING: None,
+    _decode.FINISH_STOP: "stop",
+    _decode.FINISH_LENGTH: "length",
+    _decode.FINISH_HOOK: "gate",
+}
+
+
+class RequestError(ValueError):
+    """A generation request that cannot be served (empty prompt, too long for the context, ...)."""
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    tokens: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+class Generator:
+    """Runs batched generation for one model.
+
+    Args:
+      cfg: the model config.
+      params: canonical params (models/params.py); they are packed into the compute layout once.
+      stop_ids: default stop tokens (e.g. the tokenizer's eos and end-of-turn ids).
+      chunk_size: decode steps per compiled call when streaming.
+      min_prompt_bucket: smallest prompt-length bucket (avoids many tiny buckets).
+    """
+
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        params: Params,
+        *,
+        stop_ids: Sequence[int] = (),
+        chunk_size: int = 16,
+        min_prompt_bucket: int = 16,
+        packed: bool = False,
+    ):
+        self.cfg = cfg
+        self.params = params if packed else jax.tree.map(jnp.asarray, pack_params(params, cfg))
+        self.dtype = self.params["embed"].dtype
+        default = tuple(stop_ids) or ((cfg.eos_id,) if cfg.eos_id >= 0 else ())
+        self.stop_ids = tuple(int(i) for i in default)
+        self.chunk_size = int(chunk_size)
+        self.min_prompt_bucket = int(min_prompt_bucket)
+
+    # -- request preparation -------------------------------------------------------------------------------
+
+    def _prepare(self, prompts, sampling, max_new_tokens, stop_ids, extra):
+        if not prompts:
+            raise RequestError("no prompts given")
+        n = len(prompts)
+        lengths = [len(p) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise RequestError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab_size]
+            if bad:
+                raise RequestError(f"prompt {i} holds token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
+        max_new = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+        if len(max_new) != n or any((not isinstance(m, int)) or m < 0 for m in max_new):
+            raise RequestError(f"max_new_tokens must be one non-negative int or one per prompt, got {max_new_tokens!r}")
+        for i, (ln, m) in enumerate(zip(lengths, max_new)):
+            if ln + m > self.cfg.max_seq_len:
+                raise RequestError(
+                    f"prompt {i}: {ln} prompt tokens + {m} new tokens exceed the context of {self.cfg.max_seq_len}"
+                )
+        configs = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling or SamplingConfig()] * n
+        if len(configs) != n:
+            raise RequestError(f"{len(configs)} sampling configs for {n} prompts")
+
+        B = bucket(n)
+        T = bucket(max(lengths), self.min_prompt_bucket)
+        M = bucket(max(max_new), 16)
+        tokens = np.zeros((B, T), np.int32)
+        lens = np.zeros((B,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lens[i] = len(p)
+        stops = list(self.stop_ids if stop_ids is None else stop_ids)
+        stop_arr = np.full((B, max(1, len(stops))), -1, np.int32)
+        stop_arr[:, : len(stops)] = stops
+        max_arr = np.zeros((B,), np.int32)
+        max_arr[:n] = max_new
+        configs = configs + [SamplingConfig()] * (B - n)
+        if extra is not None:
+            extra = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], B - n, axis=0)]) if B > n else x,
+                                 extra)
+        cache = KVCache.init(self.cfg, B, T + M, self.dtype)
+        return n, (jnp.asarray(tokens), jnp.asarray(lens), cache, SamplingParams.from_configs(configs),
+                   jnp.asarray(max_arr), jnp.asarray(stop_arr), M, extra)
+
+    def start(self, prompts, sampling=None, max_new_tokens=128, stop_ids=None, extra: Any = None, hook=None):
+        """Prefills and samples the first token; returns (n_real_rows, DecodeState)."""
+        n, (tokens, lens, cache, sp, max_arr, stop_arr, M, extra) = self._prepare(
+            prompts, sampling, max_new_tokens, stop_ids, extra
+        )
+        state = _decode.jit_start(self.params, tokens, lens, cache, sp, max_arr, stop_arr, M, extra,
+                                  cfg=self.cfg, hook=hook)
+        return n, state
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
+        max_new_tokens: int | Sequence[int] = 128,
+        stop_ids: Sequence[int] | None = None,
+        *,
+        extra: Any = None,
+        hook=None,
+    ) -> list[GenerationResult]:
+        """Generates to completion with one compiled while-loop after the prefill."""
+        n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, extra, hook)
+        state = _decode.jit_decode_until_done(self.params, state, cfg=self.cfg, hook=hook)
+        return self.results(state, n, [len(p) for p in prompts])
+
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
+        max_new_tokens: int | Sequence[int] = 128,
+        stop_ids: Sequence[int] | None = None,
+        *,
+        extra: Any = None,
+        hook=None,
+        chunk_size: int | None = None,
+    ) -> Iterator[tuple[list[list[int]], Any]]:
+        """Yields (new tokens per row, state) after the prefill and after every compiled chunk of steps."""
+        n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, extra, hook)
+        chunk = chunk_size or self.chunk_size
+        seen = [0] * n
+        while True:
+            out, n_out, done = jax.device_get((state.out, state.n_out, state.done))
+            new = []
+            for i in range(n):
+                new.append([int(t) for t in out[i, seen[i]: n_out[i]]])
+                seen[i] = int(n_out[i])
+            yield new, state
+            if bool(np.all(done)):
+                return
+            state = _decode.jit_decode_chunk(self.params, state, cfg=self.cfg, n_steps=chunk, hook=hook)
+
+    def results(self, state, n: int, prompt_lengths: Sequence[int]) -> list[GenerationResult]:
+        out, n_out, finish = jax.device_get((state.out, state.n_out, state.finish))
+        return [
+            GenerationResult(tokens=[int(t) for t in out[i, : n_out[i]]], finish_reason=FINISH_NAMES[int(finish[i])],
+                             prompt_tokens=int(prompt_lengths[i]))
+            for i in range(n)
+        ]

@@ -1,0 +1,93 @@
+"""Command-line chat generation: `python -m aqjax.generate "prompt"` streams an answer from the default model.
+
+Examples:
+  python -m aqjax.generate "List three facts about the Moon."
+  python -m aqjax.generate --temperature 0.7 --top-p 0.9 --seed 1 --max-tokens 200 "Write a haiku."
+  python -m aqjax.generate --model ./smollm2-orbax --system "Answer tersely." "What is RoPE?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from aqjax.engine import Generator, RequestError
+from aqjax.sampling import SamplingConfig, SamplingError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aqjax.generate", description="Stream a chat answer.")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--model", default=None, help="GGUF file, HF dir or aqjax orbax dir (default: SmolLM2-135M)")
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=8, help="decode steps per compiled call (streaming granularity)")
+    p.add_argument("--stats", action="store_true", help="print timing to stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  min_p=args.min_p, seed=args.seed)
+    except SamplingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.max_tokens < 0:
+        print("error: --max-tokens must be >= 0", file=sys.stderr)
+        return 2
+
+    from models.errors import ModelFileError
+    from models.loader import load_model
+    from models.tokenizer import StreamDecoder, TokenizerError
+
+    t0 = time.perf_counter()
+    try:
+        model = load_model(args.model)
+    except (ModelFileError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tok = model.tokenizer
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    try:
+        prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    gen = Generator(model.cfg, model.params, stop_ids=tok.stop_ids, chunk_size=args.chunk)
+    t_load = time.perf_counter() - t0
+
+    decoder = StreamDecoder(tok)
+    n_tokens, t_first, finish = 0, None, None
+    t1 = time.perf_counter()
+    try:
+        for new, state in gen.stream([prompt_ids], sampling, args.max_tokens):
+            if t_first is None:
+                t_first = time.perf_counter() - t1
+            n_tokens += len(new[0])
+            sys.stdout.write(decoder.push(new[0]))
+            sys.stdout.flush()
+        finish = gen.results(state, 1, [len(prompt_ids)])[0].finish_reason
+    except RequestError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(decoder.flush() + "\n")
+    total = time.perf_counter() - t1
+    if args.stats:
+        rate = (n_tokens - 1) / (total - t_first) if n_tokens > 1 and total > t_first else float("nan")
+        print(f"[load {t_load:.1f}s, prompt {len(prompt_ids)} tokens, first token {t_first:.2f}s "
+              f"(includes compile), {n_tokens} tokens, {rate:.1f} tok/s after the first, finish={finish}]",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

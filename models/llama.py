@@ -1,0 +1,164 @@
+"""A Llama-family decoder as pure functions over a params pytree (layout in `models/params.py`).
+
+RMSNorm, rotary position embeddings (HF rotate-half convention, base `cfg.rope_theta`), grouped-query
+attention over an explicit KV cache, SwiGLU MLP, tied or untied output head. The layers are stacked and
+iterated with `lax.scan`, so compile time does not grow with depth.
+
+One entry point serves prefill, decode and speculative verification: `forward` appends T tokens per row at
+positions `cache.lengths[b] .. cache.lengths[b] + T - 1`, attends causally over the row's cache, and returns
+the final hidden states. Rows may be ragged: tokens past a row's true length are written but later
+overwritten, and `lengths` advances by `n_new` (default T) so they are never read.
+
+Shape letters: B batch, T new tokens, S cache length, L layers, D model width, N query heads, K kv heads,
+G = N // K queries per kv head, H head width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from aqjax.cache import KVCache
+from models.config import LlamaConfig
+from models.params import Params
+
+
+def rms_norm(x: Float[Array, "... D"], w: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
+    # Normalize in float32 whatever the storage dtype, as the reference implementations do.
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions: Int[Array, "B T"], head_dim: int, theta: float):
+    """cos/sin tables [B, T, H/2] for the given absolute positions."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "B T ... H"], cos, sin) -> Float[Array, "B T ... H"]:
+    # Rotate-half: dimension i pairs with i + H/2 within each head.
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    extra = (None,) * (x.ndim - 3)
+    c, s = cos[(slice(None), slice(None)) + extra], sin[(slice(None), slice(None)) + extra]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _attention(q, k_cache, v_cache, q_pos, *, cfg: LlamaConfig):
+    """Causal GQA attention of T queries per row over the row's cache (already holding the new keys).
+
+    Args:
+      q: Float[B, T, K, G, H] queries grouped by their kv head.
+      k_cache, v_cache: Float[B, K, S, H] this layer's cache.
+      q_pos: Int[B, T] absolute positions of the queries.
+
+    Returns:
+      Float[B, T, K, G, H].
+    """
+    B, T, K, G, H = q.shape
+    S = k_cache.shape[2]
+    # [B, K, T*G, H]: the batched dims (B, K) lead in q and in the cache, so XLA's dot reads the cache as is.
+    qg = q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    scores = jnp.einsum("BKQH,BKSH->BKQS", qg, k_cache, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(H)))
+    # A query sees every cached position up to its own; later and stale positions are masked.
+    qp = jnp.repeat(q_pos, G, axis=1)  # [B, T*G], query order (t, g)
+    visible = jnp.arange(S)[None, None, :] <= qp[:, :, None]
+    scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
+
+
+def forward(
+    params: Params,
+    tokens: Int[Array, "B T"],
+    cache: KVCache,
+    *,
+    cfg: LlamaConfig,
+    n_new: Int[Array, "B"] | None = None,
+    return_layers: bool = False,
+):
+    """Runs the decoder over T new tokens per row and appends their keys/values to the cache.
+
+    Args:
+      params: packed params (`models.params.pack_params`).
+      tokens: Int[B, T] new token ids, left-aligned; row b's first token goes to position cache.lengths[b].
+      cache: the KV cache; the caller guarantees lengths + T <= cache.max_len.
+      cfg: static model config.
+      n_new: Int[B] how many of the T tokens are real per row (default T); lengths advance by it.
+      return_layers: also return every layer's output, Float[L, B, T, D] (tests only).
+
+    Returns:
+      (hidden, cache): final-normed hidden states Float[B, T, D] and the updated cache.
+    """
+    B, T = tokens.shape
+    G = cfg.q_per_kv
+    dtype = params["embed"].dtype
+    start = cache.lengths
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    # Scatter indices into a layer's [B, K, S, H] slice, for new entries laid out [B, K, T, H].
+    b_idx = jnp.arange(B)[:, None, None]
+    k_idx = jnp.arange(cfg.n_kv_heads)[None, :, None]
+    s_idx = positions[:, None, :]
+
+    x = params["embed"][tokens].astype(dtype)
+
+    def layer(carry, inputs):
+        x, k_all, v_all = carry
+        lp, idx = inputs
+        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+        qkv = jnp.einsum("BTD,DKQH->BTKQH", h, lp["wqkv"])
+        q = apply_rope(qkv[..., :G, :], cos, sin)
+        k = apply_rope(qkv[..., G, :], cos, sin)
+        v = qkv[..., G + 1, :]
+        # Write the new entries into this layer's slice of the loop-carried buffers (in place).
+        k_all = k_all.at[idx, b_idx, k_idx, s_idx].set(k.transpose(0, 2, 1, 3).astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[idx, b_idx, k_idx, s_idx].set(v.transpose(0, 2, 1, 3).astype(v_all.dtype), mode="drop")
+        attn = _attention(q, k_all[idx], v_all[idx], positions, cfg=cfg)
+        x = x + jnp.einsum("BTKGH,KGHD->BTD", attn, lp["wo"])
+        h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+        gate_up = jnp.einsum("BTD,DCF->BTCF", h, lp["w_gate_up"])
+        x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])
+        return (x, k_all, v_all), (x if return_layers else None)
+
+    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    (x, k_all, v_all), layers = lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    n = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+    new_cache = KVCache(k=k_all, v=v_all, lengths=start + n)
+    if return_layers:
+        return x, new_cache, layers
+    return x, new_cache
+
+
+def logits_from_hidden(params: Params, h: Float[Array, "... D"], *, cfg: LlamaConfig) -> Float[Array, "... V"]:
+    """The output head: float32 logits from final hidden states."""
+    if cfg.tie_embeddings:
+        return jnp.einsum("...D,VD->...V", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def forward_full(params: Params, tokens: Int[Array, "B T"], *, cfg: LlamaConfig) -> Float[Array, "B T V"]:
+    """Teacher-forced logits for a whole sequence with a fresh cache (reference path for tests)."""
+    B, T = tokens.shape
+    cache = KVCache.init(cfg, B, T, params["embed"].dtype)
+    h, _ = forward(params, tokens, cache, cfg=cfg)
+    return logits_from_hidden(params, h, cfg=cfg)
+
+
+def forward_hidden_states(params: Params, tokens: Int[Array, "B T"], *, cfg: LlamaConfig):
+    """Embedding output and every layer's output, Float[L + 1, B, T, D], for layer-by-layer parity tests.
+
+    The last entry is the last layer's output before the final norm.
+    """
+    B, T = tokens.shape
+    cache = KVCache.init(cfg, B, T, params["embed"].dtype)
+    _, _, layers = forward(params, tokens, cache, cfg=cfg, return_layers=True)
+    return jnp.concatenate([params["embed"][tokens][None], layers], axis=0)

@@ -1,0 +1,173 @@
+"""The parameter pytree of a Llama-family decoder, its logical axis names, and its shape check.
+
+Layout (plain nested dicts of arrays; layers stacked on a leading axis so the forward pass scans them):
+
+    params = {
+      "embed":      [V, D]            ("vocab", "embed")
+      "layers": {
+        "attn_norm": [L, D]           ("layers", "embed")
+        "wq":        [L, D, N, H]     ("layers", "embed", "heads", "head_dim")
+        "wk":        [L, D, K, H]     ("layers", "embed", "kv_heads", "head_dim")
+        "wv":        [L, D, K, H]     ("layers", "embed", "kv_heads", "head_dim")
+        "wo":        [L, N, H, D]     ("layers", "heads", "head_dim", "embed")
+        "mlp_norm":  [L, D]           ("layers", "embed")
+        "w_gate":    [L, D, F]        ("layers", "embed", "mlp")
+        "w_up":      [L, D, F]        ("layers", "embed", "mlp")
+        "w_down":    [L, F, D]        ("layers", "mlp", "embed")
+      },
+      "final_norm": [D]               ("embed",)
+      "lm_head":    [D, V]            ("embed", "vocab")   -- only when cfg.tie_embeddings is False
+    }
+
+Projections are stored as x @ W (input dimension first), i.e. the transpose of torch's `nn.Linear.weight`.
+The Q and K projections use the HF (rotate-half) RoPE convention: within each head, the first half of the
+head dimension pairs with the second half.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ConfigError, LlamaConfig
+
+Params = dict[str, Any]
+
+
+def param_shapes(cfg: LlamaConfig) -> Params:
+    """The expected shape of every leaf, as a pytree of tuples."""
+    L, D, N, K, H, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                           cfg.vocab_size)
+    shapes: Params = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D),
+            "wq": (L, D, N, H),
+            "wk": (L, D, K, H),
+            "wv": (L, D, K, H),
+            "wo": (L, N, H, D),
+            "mlp_norm": (L, D),
+            "w_gate": (L, D, F),
+            "w_up": (L, D, F),
+            "w_down": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def param_axes(cfg: LlamaConfig) -> Params:
+    """Logical axis names for every parameter leaf (same tree structure as the params)."""
+    axes: Params = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "attn_norm": ("layers", "embed"),
+            "wq": ("layers", "embed", "heads", "head_dim"),
+            "wk": ("layers", "embed", "kv_heads", "head_dim"),
+            "wv": ("layers", "embed", "kv_heads", "head_dim"),
+            "wo": ("layers", "heads", "head_dim", "embed"),
+            "mlp_norm": ("layers", "embed"),
+            "w_gate": ("layers", "embed", "mlp"),
+            "w_up": ("layers", "embed", "mlp"),
+            "w_down": ("layers", "mlp", "embed"),
+        },
+        "final_norm": ("embed",),
+    }
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def check_params(params: Params, cfg: LlamaConfig, *, where: str = "params") -> None:
+    """Raises ConfigError naming the first leaf whose presence or shape does not match `cfg`."""
+    expected = param_shapes(cfg)
+
+    def walk(exp, got, path):
+        if isinstance(exp, dict):
+            if not isinstance(got, dict):
+                raise ConfigError(f"{where}: {path or 'root'} should be a mapping, got {type(got).__name__}")
+            missing = sorted(set(exp) - set(got))
+            extra = sorted(set(got) - set(exp))
+            if missing:
+                raise ConfigError(f"{where}: missing tensors {[f'{path}{k}' for k in missing]}")
+            if extra:
+                raise ConfigError(f"{where}: unexpected tensors {[f'{path}{k}' for k in extra]}")
+            for k in exp:
+                walk(exp[k], got[k], f"{path}{k}.")
+        else:
+            shape = tuple(np.shape(got))
+            if shape != exp:
+                raise ConfigError(f"{where}: tensor {path[:-1]} has shape {shape}, expected {exp}")
+
+    walk(expected, params, "")
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters for tests and draft models: normal weights scaled by 1/sqrt(fan_in), norms near 1."""
+    fan_in = {"wq": cfg.d_model, "wk": cfg.d_model, "wv": cfg.d_model, "wo": cfg.n_heads * cfg.head_dim,
+              "w_gate": cfg.d_model, "w_up": cfg.d_model, "w_down": cfg.d_ff, "lm_head": cfg.d_model, "embed": 1}
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+    out = []
+    for k, (path, shape) in zip(keys, flat):
+        name = path[-1].key
+        noise = jax.random.normal(k, shape, dtype)
+        if name.endswith("norm"):
+            out.append(1.0 + 0.1 * noise)
+        else:
+            out.append(noise / np.sqrt(fan_in[name]))
+    return jax.tree.unflatten(treedef, out)
+
+
+def pack_params(params: Params, cfg: LlamaConfig) -> Params:
+    """Converts the canonical (checkpoint) layout into the compute layout that `models.llama` runs on.
+
+    Q, K and V are fused into one projection grouped by kv head, and gate/up into one, so each layer makes
+    three weight matmuls fewer (larger dots run closer to the memory-bandwidth limit at batch 1), and
+    tensor-parallel sharding on `kv_heads` / `mlp` still splits every fused tensor cleanly:
+
+        wqkv:      [L, D, K, G + 2, H]  ("layers", "embed", "kv_heads", "qkv", "head_dim")
+                   slots 0..G-1 are the G query heads of kv head k, slot G its key, slot G+1 its value
+        wo:        [L, K, G, H, D]      ("layers", "kv_heads", "q_per_kv", "head_dim", "embed")
+        w_gate_up: [L, D, 2, F]         ("layers", "embed", "gate_up", "mlp")
+    """
+    lp = params["layers"]
+    L, D, K, G, H = cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
+    xp = jnp if isinstance(lp["wq"], jax.Array) else np
+    wq = lp["wq"].reshape(L, D, K, G, H)
+    wqkv = xp.concatenate([wq, lp["wk"][:, :, :, None, :], lp["wv"][:, :, :, None, :]], axis=3)
+    packed = {
+        "embed": params["embed"],
+        "final_norm": params["final_norm"],
+        "layers": {
+            "attn_norm": lp["attn_norm"],
+            "wqkv": wqkv,
+            "wo": lp["wo"].reshape(L, K, G, H, D),
+            "mlp_norm": lp["mlp_norm"],
+            "w_gate_up": xp.stack([lp["w_gate"], lp["w_up"]], axis=2),
+            "w_down": lp["w_down"],
+        },
+    }
+    if "lm_head" in params:
+        packed["lm_head"] = params["lm_head"]
+    return packed
+
+
+def packed_axes(cfg: LlamaConfig) -> Params:
+    """Logical axis names of the compute layout produced by `pack_params`."""
+    axes = param_axes(cfg)
+    axes["layers"] = {
+        "attn_norm": ("layers", "embed"),
+        "wqkv": ("layers", "embed", "kv_heads", "qkv", "head_dim"),
+        "wo": ("layers", "kv_heads", "q_per_kv", "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "w_gate_up": ("layers", "embed", "gate_up", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    return axes

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (if needed) and run the test suite. Usage: bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${AQJAX_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+exec "$VENV/bin/python" -m pytest -q "$@"

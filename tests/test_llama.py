@@ -1,0 +1,125 @@
+"""The decoder: layer-by-layer parity with HF transformers on tiny random models, and cache invariants."""
+
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aqjax.cache import KVCache
+from models.config import SMOLLM2_135M, LlamaConfig, tiny_config
+from models.llama import forward, forward_full, forward_hidden_states, logits_from_hidden, rms_norm
+from models.params import check_params, init_params, pack_params, packed_axes, param_axes
+from models.safetensors import load_hf_dir
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("variant,kv", [("mha", 4), ("gqa", 2), ("mqa", 1)])
+def test_layer_by_layer_parity_with_hf(variant, kv):
+    # Reference activations were produced by transformers (tests/data/make_tiny_llama.py).
+    cfg, params = load_hf_dir(DATA / f"tiny_llama_{variant}", dtype=jnp.float32)
+    assert cfg.n_kv_heads == kv and cfg.n_heads == 4
+    ref = np.load(DATA / f"tiny_llama_{variant}" / "reference.npz")
+    ids = jnp.asarray(ref["input_ids"])
+    packed = pack_params(params, cfg)
+    hs = np.asarray(forward_hidden_states(packed, ids, cfg=cfg))
+    L = cfg.n_layers
+    # HF's last hidden state has the final norm applied; ours is the raw last layer output.
+    np.testing.assert_allclose(hs[:L], ref["hidden_states"][:L], atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(hs[L], ref["last_layer_prenorm"], atol=2e-4, rtol=2e-4)
+    final = np.asarray(rms_norm(jnp.asarray(hs[L]), packed["final_norm"], cfg.norm_eps))
+    np.testing.assert_allclose(final, ref["hidden_states"][L], atol=2e-4, rtol=2e-4)
+    logits = np.asarray(forward_full(packed, ids, cfg=cfg))
+    np.testing.assert_allclose(logits, ref["logits"], atol=5e-4, rtol=5e-4)
+
+
+def test_hf_config_mapping():
+    cfg = LlamaConfig.from_hf_config(DATA / "tiny_llama_gqa" / "config.json")
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.tie_embeddings) == (4, 2, 16, True)
+    assert cfg.rope_theta == 500000.0
+
+
+def _cached_logits(packed, cfg, tokens, splits):
+    """Logits of `tokens` fed through the cache in pieces of the given sizes."""
+    cache = KVCache.init(cfg, tokens.shape[0], tokens.shape[1] + 4)
+    outs, pos = [], 0
+    for n in splits:
+        h, cache = forward(packed, tokens[:, pos:pos + n], cache, cfg=cfg)
+        outs.append(logits_from_hidden(packed, h, cfg=cfg))
+        pos += n
+    return jnp.concatenate(outs, axis=1), cache
+
+
+def test_cached_decoding_equals_teacher_forcing():
+    cfg = tiny_config()
+    packed = pack_params(init_params(cfg, jax.random.key(1)), cfg)
+    tokens = jax.random.randint(jax.random.key(2), (3, 17), 0, cfg.vocab_size)
+    full = forward_full(packed, tokens, cfg=cfg)
+    # prefill 9, then 1 token at a time, then a 3-token block (the shape speculative verification uses)
+    cached, cache = _cached_logits(packed, cfg, tokens, [9, 1, 1, 1, 1, 1, 3])
+    chex.assert_trees_all_close(cached, full, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [17, 17, 17])
+
+
+def test_longer_suffix_does_not_change_earlier_logits():
+    cfg = tiny_config()
+    packed = pack_params(init_params(cfg, jax.random.key(3)), cfg)
+    tokens = jax.random.randint(jax.random.key(4), (2, 20), 0, cfg.vocab_size)
+    short = forward_full(packed, tokens[:, :12], cfg=cfg)
+    long = forward_full(packed, tokens, cfg=cfg)
+    chex.assert_trees_all_close(short, long[:, :12], atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_rows_write_only_their_own_positions():
+    cfg = tiny_config()
+    packed = pack_params(init_params(cfg, jax.random.key(5)), cfg)
+    a = jax.random.randint(jax.random.key(6), (1, 10), 0, cfg.vocab_size)
+    # row 0: 6 real tokens then padding; row 1: 10 real tokens
+    batch = jnp.concatenate([a.at[:, 6:].set(0), a], axis=0)
+    cache = KVCache.init(cfg, 2, 16)
+    h, cache = forward(packed, batch, cache, cfg=cfg, n_new=jnp.array([6, 10]))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [6, 10])
+    # decoding one more token for row 0 at position 6 equals the teacher-forced logits of that prefix
+    nxt = jnp.array([[7], [8]])
+    h2, cache = forward(packed, nxt, cache, cfg=cfg)
+    ref0 = forward_full(packed, jnp.concatenate([a[:, :6], nxt[:1]], axis=1), cfg=cfg)[0, -1]
+    ref1 = forward_full(packed, jnp.concatenate([a, nxt[1:]], axis=1), cfg=cfg)[0, -1]
+    got = logits_from_hidden(packed, h2[:, 0], cfg=cfg)
+    chex.assert_trees_all_close(got[0], ref0, atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(got[1], ref1, atol=1e-4, rtol=1e-4)
+
+
+def test_full_size_shapes_and_axes_cost_nothing():
+    cfg = SMOLLM2_135M
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    check_params(params, cfg)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert 134_000_000 < n < 135_000_000  # 134.5 M, as the GGUF says
+    packed = jax.eval_shape(lambda p: pack_params(p, cfg), params)
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, 2, 64))
+    out = jax.eval_shape(lambda p, c: forward(p, jnp.zeros((2, 5), jnp.int32), c, cfg=cfg), packed, cache)
+    assert out[0].shape == (2, 5, cfg.d_model)
+    # every leaf has one logical name per dimension
+    for tree, axes in ((params, param_axes(cfg)), (packed, packed_axes(cfg)), (cache, cache.axes())):
+        shapes = jax.tree.map(lambda x: x.shape, tree)
+        flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+        flat_shapes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+        assert len(flat_axes) == len(flat_shapes)
+        for a, s in zip(flat_axes, flat_shapes):
+            assert len(a) == len(s), (a, s)
+
+
+def test_bad_configs_are_rejected_with_the_field_name():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        tiny_config(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="d_model"):
+        tiny_config(d_model=0)
+    with pytest.raises(ValueError, match="hidden_size"):
+        LlamaConfig.from_hf_config({"model_type": "llama", "vocab_size": 10})
+    params = init_params(tiny_config(), jax.random.key(0))
+    params["layers"]["wq"] = params["layers"]["wq"][:, :, :2]
+    with pytest.raises(ValueError, match="layers.wq"):
+        check_params(params, tiny_config())

@@ -52,7 +52,8 @@ class Generator:
     Args:
       cfg: the model config.
       params: canonical params (models/params.py); they are packed into the compute layout once.
-      stop_ids: default stop tokens (e.g. the tokenizer's eos and end-of-turn ids).
+      stop_ids: default stop tokens (e.g. the tokenizer's eos and end-of-turn ids); None means the config's
+        eos id, an empty sequence means none.
       chunk_size: decode steps per compiled call when streaming.
       min_prompt_bucket: smallest prompt-length bucket (avoids many tiny buckets).
     """
@@ -62,7 +63,7 @@ class Generator:
         cfg: LlamaConfig,
         params: Params,
         *,
-        stop_ids: Sequence[int] = (),
+        stop_ids: Sequence[int] | None = None,
         chunk_size: int = 16,
         min_prompt_bucket: int = 16,
         packed: bool = False,
@@ -70,8 +71,9 @@ class Generator:
         self.cfg = cfg
         self.params = params if packed else jax.tree.map(jnp.asarray, pack_params(params, cfg))
         self.dtype = self.params["embed"].dtype
-        default = tuple(stop_ids) or ((cfg.eos_id,) if cfg.eos_id >= 0 else ())
-        self.stop_ids = tuple(int(i) for i in default)
+        if stop_ids is None:
+            stop_ids = (cfg.eos_id,) if cfg.eos_id >= 0 else ()
+        self.stop_ids = tuple(int(i) for i in stop_ids)
         self.chunk_size = int(chunk_size)
         self.min_prompt_bucket = int(min_prompt_bucket)
 

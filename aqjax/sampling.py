@@ -135,12 +135,17 @@ def sample(logits: Float[Array, "B V"], params: SamplingParams, index: Int[Array
     Returns:
       Int[B] token ids.
     """
-    filtered = filter_logits(logits, params)
-    keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), i))(
-        params.key, index)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        filtered = filter_logits(logits, params)
+        keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), i))(
+            params.key, index)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(params.temperature > 0, drawn, greedy)
+
+    # Random bits for B x V Gumbel noise cost more than the argmax: skip them when every row is greedy.
+    return lax.cond(jnp.any(params.temperature > 0), draw, lambda _: greedy, logits)
 
 
 def support(logits: Float[Array, "B V"], params: SamplingParams) -> Bool[Array, "B V"]:

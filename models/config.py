@@ -99,6 +99,8 @@ class LlamaConfig:
 
         d_model = int(need("llama.embedding_length"))
         n_heads = int(need("llama.attention.head_count"))
+        if n_heads <= 0:
+            raise ConfigError(f"{where}: llama.attention.head_count must be positive, got {n_heads}")
         n_kv = int(meta.get("llama.attention.head_count_kv", n_heads))
         head_dim = int(meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", d_model // n_heads)))
         vocab = meta.get("llama.vocab_size")
@@ -148,6 +150,8 @@ class LlamaConfig:
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise ConfigError(f"{where}: rope_scaling {scaling!r} is not supported")
         n_heads = int(cfg["num_attention_heads"])
+        if n_heads <= 0:
+            raise ConfigError(f"{where}: num_attention_heads must be positive, got {n_heads}")
 
         def _id(v):
             if isinstance(v, list):

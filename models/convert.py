@@ -1,0 +1,213 @@
+"""Converts a GGUF file or an HF checkpoint dir into an aqjax checkpoint dir (orbax params + a JSON manifest).
+
+    python -m models.convert SRC DST [--dtype float32|bfloat16] [--force]
+
+An aqjax checkpoint dir holds:
+
+    DST/params/             the params pytree, saved with orbax's StandardCheckpointer
+    DST/aqjax_model.json    {"format", "config": LlamaConfig dict, "dtype", "source": {path, kind, sha256},
+                             "tokenizer": Tokenizer.to_json() parsed, or null when the source has none}
+
+The manifest is written last, so its presence marks a complete checkpoint (`models.loader` dispatches on it).
+Loading it skips dequantization entirely (see bench/load.py for the speed-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ConfigError, LlamaConfig
+from models.download import sha256_file
+from models.errors import ModelFileError
+from models.params import Params, check_params, param_shapes
+
+MANIFEST = "aqjax_model.json"
+PARAMS_DIR = "params"
+FORMAT = "aqjax-orbax-v1"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Files whose presence means an HF dir carries a tokenizer that Tokenizer.from_hf_dir can read.
+HF_TOKENIZER_FILES = ("tokenizer.json",)
+
+
+def read_source(src: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, Params, Any, dict]:
+    """Loads a GGUF file or HF dir as (cfg, params, tokenizer or None, source description)."""
+    from models.tokenizer import Tokenizer
+
+    src = pathlib.Path(src)
+    if src.is_dir():
+        from models.safetensors import load_hf_dir
+
+        cfg, params = load_hf_dir(src, dtype)
+        tok = Tokenizer.from_hf_dir(src) if any((src / n).is_file() for n in HF_TOKENIZER_FILES) else None
+        files = sorted(p for p in src.iterdir() if p.suffix in (".json", ".safetensors", ".model") and p.is_file())
+        source = {"path": str(src.resolve()), "kind": "hf", "sha256": {p.name: sha256_file(p) for p in files}}
+        return cfg, params, tok, source
+
+    from models.gguf import load_gguf_file, open_gguf
+
+    with open_gguf(src) as f:
+        cfg, params = load_gguf_file(f, dtype)
+        tok = Tokenizer.from_gguf_metadata(f.metadata)
+    source = {"path": str(src.resolve()), "kind": "gguf", "sha256": sha256_file(src)}
+    return cfg, params, tok, source
+
+
+def save_orbax(
+    dst: str | os.PathLike, cfg: LlamaConfig, params: Params, *, tokenizer=None, source=None, force: bool = False
+) -> pathlib.Path:
+    """Writes an aqjax checkpoint dir (see the module docstring) and returns its absolute path.
+
+    Raises:
+      FileExistsError: `dst` exists and is not empty, and `force` is False.
+    """
+    check_params(params, cfg)
+    dst = pathlib.Path(dst).absolute()  # orbax requires absolute paths
+    if dst.exists() and any(dst.iterdir()):
+        if not force:
+            raise FileExistsError(f"{dst} exists and is not empty (use --force to replace it)")
+        foreign = sorted(p.name for p in dst.iterdir() if p.name not in (MANIFEST, PARAMS_DIR))
+        if foreign:  # --force replaces an aqjax checkpoint, never an arbitrary directory
+            raise FileExistsError(
+                f"{dst} holds files that are not an aqjax checkpoint ({foreign[:5]}); not replacing it"
+            )
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    dtypes = {str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)}
+    if len(dtypes) != 1:
+        raise ValueError(f"params mix dtypes {sorted(dtypes)}")
+    import orbax.checkpoint as ocp
+
+    # Uncompressed: zstd shrinks float weights only ~35% but makes restoring about twice as slow.
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+        ckptr.save(dst / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
+    tok_json = None if tokenizer is None else tokenizer.to_json()
+    manifest = {
+        "format": FORMAT,
+        "config": cfg.to_dict(),
+        "dtype": dtypes.pop(),
+        "source": source,
+        "tokenizer": json.loads(tok_json) if isinstance(tok_json, str) else tok_json,
+    }
+    fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{MANIFEST}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, ensure_ascii=False)
+        os.fchmod(f.fileno(), 0o644)
+    os.replace(tmp, dst / MANIFEST)
+    return dst
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=jnp.float32, force: bool = False) -> pathlib.Path:
+    """Converts a GGUF file or HF dir `src` into an aqjax checkpoint dir `dst`; returns `dst`."""
+    cfg, params, tok, source = read_source(src, dtype)
+    return save_orbax(dst, cfg, params, tokenizer=tok, source=source, force=force)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The parsed `aqjax_model.json` of an aqjax checkpoint dir.
+
+    Raises:
+      ModelFileError: the manifest is missing, not JSON, or not an aqjax manifest.
+    """
+    file = pathlib.Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(file, "file not found; not an aqjax checkpoint dir") from None
+    except (OSError, ValueError) as e:
+        raise ModelFileError(file, f"cannot read manifest: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModelFileError(file, f"format is {got!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def manifest_tokenizer(manifest: dict):
+    """The Tokenizer stored in a manifest, or None if the checkpoint has none."""
+    data = manifest.get("tokenizer")
+    if data is None:
+        return None
+    from models.tokenizer import Tokenizer
+
+    return Tokenizer.from_json(json.dumps(data))
+
+
+def load_orbax(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, Params]:
+    """Loads an aqjax checkpoint dir as (config, params), params cast to `dtype` (jax arrays).
+
+    Raises:
+      ModelFileError: the manifest or params are missing or corrupt, or the params do not match the config.
+    """
+    d = pathlib.Path(path).absolute()
+    manifest = read_manifest(d)
+    try:
+        cfg = LlamaConfig.from_dict(manifest.get("config") or {}, where="config")
+    except ConfigError as e:
+        raise ModelFileError(d / MANIFEST, str(e)) from None
+    dt = np.dtype(dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype must be a floating type, got {dt}")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, dt, sharding=sharding),
+        param_shapes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    if not (d / PARAMS_DIR).is_dir():
+        raise ModelFileError(d / PARAMS_DIR, "params directory not found")
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        # Compare the stored shapes with the config first: a failed orbax restore leaves asyncio tasks behind and
+        # reports the mismatch less clearly than check_params does.
+        try:
+            stored = ckptr.metadata(d / PARAMS_DIR).item_metadata.tree
+        except Exception as e:  # orbax raises many types; all mean the same thing to the caller
+            raise ModelFileError(d / PARAMS_DIR, f"cannot read params metadata: {type(e).__name__}: {e}") from e
+        stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored, is_leaf=_is_array_meta)
+        try:
+            check_params(stored, cfg, where=str(d / PARAMS_DIR))
+        except ConfigError as e:
+            raise ModelFileError(d, f"params do not match the manifest's config: {e}") from None
+        try:
+            params = ckptr.restore(d / PARAMS_DIR, target)
+        except Exception as e:
+            raise ModelFileError(d / PARAMS_DIR, f"cannot restore params: {type(e).__name__}: {e}") from e
+    return cfg, params
+
+
+def _is_array_meta(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.splitlines()[0])
+    ap.add_argument("src", help="a .gguf file or an HF checkpoint dir (config.json + *.safetensors)")
+    ap.add_argument("dst", help="output dir (must be empty or absent unless --force)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--force", action="store_true", help="replace dst if it exists")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        out = convert(args.src, args.dst, dtype=DTYPES[args.dtype], force=args.force)
+    except (ModelFileError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,18 +3,23 @@
 `start` prefills a batch of ragged prompts and samples each row's first token; `decode_chunk` runs a fixed
 number of steps with `lax.scan` (one compiled call per chunk, so callers can stream); `decode_until_done`
 runs a `lax.while_loop` until every row has stopped. Everything the loop needs is in `DecodeState`: the KV
-cache, the last tokens, the per-row sampling parameters and keys, done flags, the output buffer, and a
-per-row `extra` slot whose contents a `StepHook` (the admissibility gate) owns.
+cache, the last tokens, the per-row sampling parameters and keys, done flags, the output buffer, the gate's
+per-row state, the turn's verdict and confidence so far, and an event log for the audit.
+
+The admissibility gate (`gate.core.Gate`, a static argument; its compiled policy is a traced argument) is
+consulted at every step: `evaluate` masks the logits (or forces a token, or stops the row) before sampling,
+`check` may rewrite the sampled token (substitution, refusal message) before it is written, and `advance`
+moves the gate's state with the token actually emitted. Nothing inadmissible reaches the output buffer.
 
 A row stops when it samples one of its stop ids (not written to the output), when it has produced its
-`max_new` tokens, or when its cache is full. Stopped rows keep riding along in the batch (shapes are
-static), but their cache lengths and outputs no longer change.
+`max_new` tokens, when its cache is full, or when the gate ends it. Stopped rows keep riding along in the
+batch (shapes are static), but their cache lengths, outputs and gate state no longer change.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,26 +29,52 @@ from jaxtyping import Array, Bool, Float, Int
 
 from aqjax.cache import KVCache
 from aqjax.sampling import SamplingParams, sample
+from gate.core import NO_RULE, NO_TOKEN, Gate, Verdict
 from models.config import LlamaConfig
 from models.llama import forward, logits_from_hidden
 from models.params import Params
 
 # finish reasons (per row)
-RUNNING, FINISH_STOP, FINISH_LENGTH, FINISH_HOOK = 0, 1, 2, 3
+RUNNING, FINISH_STOP, FINISH_LENGTH, FINISH_GATE = 0, 1, 2, 3
+
+# audit event kinds
+EVENT_BLOCK, EVENT_FORCE, EVENT_REWRITE, EVENT_STOP, EVENT_VERDICT = 0, 1, 2, 3, 4
 
 
-class StepHook(NamedTuple):
-    """The loop's extension point, where the admissibility gate plugs in.
+@struct.dataclass
+class EventLog:
+    """Per-row record of every step where the gate acted (capacity: one event per step of the output).
 
-    Both functions are pure and see one row at a time plus a leading batch axis on every array:
-      process(extra, logits, step) -> (logits, stop): the logits to sample from (-inf = inadmissible) and a
-        Bool[B] that ends the row *before* this step's token is sampled;
-      advance(extra, token, emitted) -> extra: the state after the row emitted `token` (`emitted` False
-        means the row had already stopped and its state must not change).
+    Attributes (all [B, E] unless noted; entries at or beyond `n` are unused):
+      step: index of the output token the event concerns (the row's count of emitted tokens at that step).
+      kind: EVENT_BLOCK (the model's top token was masked), EVENT_FORCE (a forced token was emitted),
+        EVENT_REWRITE (the sampled token was replaced), EVENT_STOP (the gate ended the row),
+        EVENT_VERDICT (a verdict was raised without any of the above).
+      token: the token concerned: the blocked top token, or the sampled token that was replaced.
+      emitted: the token actually emitted (-1 when none).
+      rule: the rule that acted (NO_RULE when the gate does not attribute it).
+      verdict: the verdict raised at this step.
+      entropy: entropy (nats) of the model's unmasked next-token distribution.
+      mass: probability mass of the admissible tokens under that distribution.
+      n: Int[B] number of events recorded.
     """
 
-    process: Callable[[Any, Float[Array, "B V"], Int[Array, ""]], tuple[Float[Array, "B V"], Bool[Array, "B"]]]
-    advance: Callable[[Any, Int[Array, "B"], Bool[Array, "B"]], Any]
+    step: Int[Array, "B E"]
+    kind: Int[Array, "B E"]
+    token: Int[Array, "B E"]
+    emitted: Int[Array, "B E"]
+    rule: Int[Array, "B E"]
+    verdict: Int[Array, "B E"]
+    entropy: Float[Array, "B E"]
+    mass: Float[Array, "B E"]
+    n: Int[Array, "B"]
+
+    @classmethod
+    def empty(cls, batch: int, capacity: int) -> "EventLog":
+        i = jnp.full((batch, capacity), -1, jnp.int32)
+        f = jnp.zeros((batch, capacity), jnp.float32)
+        return cls(step=i, kind=i, token=i, emitted=i, rule=i, verdict=i, entropy=f, mass=f,
+                   n=jnp.zeros((batch,), jnp.int32))
 
 
 @struct.dataclass
@@ -54,14 +85,18 @@ class DecodeState:
       cache: the KV cache (lengths count the tokens whose keys are cached).
       last: Int[B] the most recent token of each row (the next step's input).
       done: Bool[B] rows that have stopped.
-      finish: Int[B] why a row stopped (RUNNING, FINISH_STOP, FINISH_LENGTH, FINISH_HOOK).
+      finish: Int[B] why a row stopped (RUNNING, FINISH_STOP, FINISH_LENGTH, FINISH_GATE).
       out: Int[B, M] generated tokens, -1 beyond n_out.
       n_out: Int[B] tokens written to `out` per row.
       max_new: Int[B] per-row limit on generated tokens (<= M).
       stop_ids: Int[B, NS] per-row stop tokens, padded with -1.
       sampling: per-row sampling parameters and keys.
       step: Int[] decode steps taken by the batch.
-      extra: per-row state owned by the step hook (a pytree with leading axis B, or None).
+      gate_state: the gate's per-row state (a pytree with leading axis B), or None without a gate.
+      verdict: Int[B] highest verdict raised in the turn so far.
+      rule: Int[B] the rule behind `verdict` (NO_RULE when none).
+      confidence: Float[B] the turn's confidence so far (minimum over steps).
+      events: the audit event log (None without a gate).
     """
 
     cache: KVCache
@@ -74,43 +109,121 @@ class DecodeState:
     stop_ids: Int[Array, "B NS"]
     sampling: SamplingParams
     step: Int[Array, ""]
-    extra: Any = None
+    verdict: Int[Array, "B"]
+    rule: Int[Array, "B"]
+    confidence: Float[Array, "B"]
+    gate_state: Any = None
+    events: EventLog | None = None
 
 
-def _emit(state: DecodeState, logits: Float[Array, "B V"], hook: StepHook | None) -> DecodeState:
-    """Samples a token per running row from `logits`, records it and updates the stop flags."""
+def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"]):
+    logp = jax.nn.log_softmax(raw.astype(jnp.float32), axis=-1)
+    p = jnp.exp(logp)
+    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+    return entropy, jnp.sum(jnp.where(mask, p, 0.0), axis=-1)
+
+
+def _record(events: EventLog, acted, step_idx, kind, token, emitted, rule, verdict, raw, mask) -> EventLog:
+    """Appends one event for every row where `acted`; entropy/mass are computed only if some row acted."""
+    B, E = events.step.shape
+    entropy, mass = lax.cond(
+        jnp.any(acted), _entropy_and_mass, lambda r, m: (jnp.zeros(B), jnp.zeros(B)), raw, mask)
+    rows = jnp.arange(B)
+    col = jnp.where(acted, events.n, E)  # E = out of range: dropped
+
+    def put(buf, val):
+        return buf.at[rows, col].set(val.astype(buf.dtype), mode="drop")
+
+    return EventLog(
+        step=put(events.step, step_idx), kind=put(events.kind, kind), token=put(events.token, token),
+        emitted=put(events.emitted, emitted), rule=put(events.rule, rule), verdict=put(events.verdict, verdict),
+        entropy=put(events.entropy, entropy), mass=put(events.mass, mass),
+        n=jnp.minimum(events.n + acted, E),
+    )
+
+
+def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, policy: Any) -> DecodeState:
+    """Gates, samples and records one token per running row, and updates the stop flags."""
     B, M = state.out.shape
-    stop_by_hook = jnp.zeros((B,), bool)
-    extra = state.extra
-    if hook is not None:
-        logits, stop_by_hook = hook.process(extra, logits, state.step)
-    # A row whose admissible set is empty must not sample from garbage: the hook stops it instead.
-    stop_by_hook = stop_by_hook | ~jnp.any(jnp.isfinite(logits), axis=-1)
-    logits = jnp.where(jnp.isfinite(logits).any(-1, keepdims=True), logits, 0.0)
-    token = sample(logits, state.sampling, state.n_out)
     running = ~state.done
-    hook_stop = running & stop_by_hook
-    is_stop = running & ~hook_stop & jnp.any(token[:, None] == state.stop_ids, axis=-1)
-    emitted = running & ~hook_stop & ~is_stop
+    raw = logits
+    if gate is not None:
+        d = gate.evaluate(policy, state.gate_state, logits)
+        logits = jnp.where(d.mask, logits, -jnp.inf)
+        forced = d.forced
+    else:
+        forced = jnp.full((B,), NO_TOKEN, jnp.int32)
+    has_forced = forced != NO_TOKEN
+    # If the gate leaves no admissible token, the row ends with a refusal instead of sampling from garbage.
+    empty = ~jnp.any(jnp.isfinite(logits), axis=-1) & ~has_forced
+    logits = jnp.where(empty[:, None], 0.0, logits)
+    sampled = sample(logits, state.sampling, state.n_out)
+    token = jnp.where(has_forced, forced, sampled)
+
+    pre_stop = empty
+    verdict_now = jnp.where(empty, Verdict.REFUSE, Verdict.ADMIT).astype(jnp.int32)
+    rule_now = jnp.full((B,), NO_RULE, jnp.int32)
+    post_stop = jnp.zeros((B,), bool)
+    confidence = state.confidence
+    if gate is not None:
+        pre_stop = pre_stop | d.stop
+        verdict_now = jnp.maximum(verdict_now, d.verdict)
+        rule_now = d.rule
+        o = gate.check(policy, state.gate_state, token)
+        rewritten = running & ~pre_stop & (o.token != token)
+        sampled_before_rewrite = token
+        token = o.token
+        take = o.verdict > verdict_now
+        rule_now = jnp.where(take | (rule_now == NO_RULE), jnp.where(o.rule != NO_RULE, o.rule, rule_now), rule_now)
+        verdict_now = jnp.where(pre_stop, verdict_now, jnp.maximum(verdict_now, o.verdict))
+        post_stop = o.stop
+        confidence = jnp.where(running, jnp.minimum(confidence, d.confidence), confidence)
+
+    is_stop = running & ~pre_stop & jnp.any(token[:, None] == state.stop_ids, axis=-1)
+    emitted = running & ~pre_stop & ~is_stop
     rows = jnp.arange(B)
     out = state.out.at[rows, jnp.where(emitted, state.n_out, M)].set(token, mode="drop")
     n_out = state.n_out + emitted
     # The emitted token is fed next step at position `lengths`, which must exist.
     cache_full = state.cache.lengths >= state.cache.max_len
-    at_limit = emitted & ((n_out >= state.max_new) | cache_full)
-    finish = jnp.where(hook_stop, FINISH_HOOK, state.finish)
+    gate_stop = running & (pre_stop | (emitted & post_stop))
+    at_limit = emitted & ~gate_stop & ((n_out >= state.max_new) | cache_full)
+    finish = jnp.where(gate_stop, FINISH_GATE, state.finish)
     finish = jnp.where(is_stop, FINISH_STOP, finish)
     finish = jnp.where(at_limit, FINISH_LENGTH, finish)
-    if hook is not None:
-        extra = hook.advance(extra, token, emitted)
+
+    gate_state, events = state.gate_state, state.events
+    verdict, rule = state.verdict, state.rule
+    if gate is not None:
+        gate_state = gate.advance(policy, state.gate_state, token, emitted)
+        raise_v = running & (verdict_now > verdict)
+        verdict = jnp.where(raise_v, verdict_now, verdict)
+        rule = jnp.where(raise_v, rule_now, rule)
+        top = jnp.argmax(raw, axis=-1).astype(jnp.int32)
+        blocked = running & ~has_forced & ~d.mask[rows, top]
+        forced_now = running & has_forced & ~pre_stop
+        kind = jnp.where(pre_stop, EVENT_STOP, jnp.where(
+            rewritten, EVENT_REWRITE, jnp.where(forced_now, EVENT_FORCE, jnp.where(
+                blocked, EVENT_BLOCK, EVENT_VERDICT))))
+        acted = running & (blocked | forced_now | rewritten | pre_stop | (emitted & post_stop)
+                           | (verdict_now > Verdict.ADMIT))
+        ev_token = jnp.where(rewritten, sampled_before_rewrite, jnp.where(blocked, top, token))
+        ev_rule = rule_now if d.block_rule is None else jnp.where(
+            (rule_now == NO_RULE) & blocked, d.block_rule, rule_now)
+        events = _record(events, acted, state.n_out, kind, ev_token, jnp.where(emitted, token, -1), ev_rule,
+                         verdict_now, raw, d.mask)
     return state.replace(
         last=jnp.where(emitted, token, state.last),
-        done=state.done | hook_stop | is_stop | at_limit,
+        done=state.done | gate_stop | is_stop | at_limit,
         finish=finish,
         out=out,
         n_out=n_out,
         step=state.step + 1,
-        extra=extra,
+        gate_state=gate_state,
+        verdict=verdict,
+        rule=rule,
+        confidence=confidence,
+        events=events,
     )
 
 
@@ -123,14 +236,16 @@ def start(
     max_new: Int[Array, "B"],
     stop_ids: Int[Array, "B NS"],
     out_len: int,
-    extra: Any = None,
+    gate_state: Any = None,
+    policy: Any = None,
     *,
     cfg: LlamaConfig,
-    hook: StepHook | None = None,
+    gate: Gate | None = None,
 ) -> DecodeState:
     """Prefills ragged prompts (right-padded to T) and samples each row's first token.
 
     Rows with length 0 are inactive (already done). `cache` is donated when called through `jit_start`.
+    With a gate, `gate_state` is the rows' gate state at the start of the turn (None: `gate.init`).
     """
     B = tokens.shape[0]
     h, cache = forward(params, tokens, cache, cfg=cfg, n_new=lengths)
@@ -148,29 +263,36 @@ def start(
         stop_ids=stop_ids.astype(jnp.int32),
         sampling=sampling,
         step=jnp.zeros((), jnp.int32),
-        extra=extra,
+        verdict=jnp.full((B,), Verdict.ADMIT, jnp.int32),
+        rule=jnp.full((B,), NO_RULE, jnp.int32),
+        confidence=jnp.ones((B,), jnp.float32),
+        gate_state=(gate.init(policy, B) if gate_state is None else gate_state) if gate is not None else None,
+        events=EventLog.empty(B, out_len) if gate is not None else None,
     )
     # max_new == 0 ends a row before it samples anything.
     state = state.replace(done=state.done | (state.max_new <= 0),
                           finish=jnp.where(active & (state.max_new <= 0), FINISH_LENGTH, state.finish))
-    return _emit(state, logits, hook)
+    return _emit(state, logits, gate, policy)
 
 
-def decode_step(params: Params, state: DecodeState, *, cfg: LlamaConfig, hook: StepHook | None = None) -> DecodeState:
+def decode_step(
+    params: Params, state: DecodeState, policy: Any = None, *, cfg: LlamaConfig, gate: Gate | None = None
+) -> DecodeState:
     """One decode step for every row: feed the last token, sample the next (stopped rows stay put)."""
     running = ~state.done
     h, cache = forward(params, state.last[:, None], state.cache, cfg=cfg, n_new=running.astype(jnp.int32))
     logits = logits_from_hidden(params, h[:, 0], cfg=cfg)
-    return _emit(state.replace(cache=cache), logits, hook)
+    return _emit(state.replace(cache=cache), logits, gate, policy)
 
 
 def decode_chunk(
-    params: Params, state: DecodeState, *, cfg: LlamaConfig, n_steps: int, hook: StepHook | None = None
+    params: Params, state: DecodeState, policy: Any = None, *, cfg: LlamaConfig, n_steps: int,
+    gate: Gate | None = None,
 ) -> DecodeState:
     """Runs exactly `n_steps` decode steps (a streaming chunk); steps after every row stopped are no-ops."""
 
     def body(s, _):
-        s = lax.cond(jnp.all(s.done), lambda s: s, lambda s: decode_step(params, s, cfg=cfg, hook=hook), s)
+        s = lax.cond(jnp.all(s.done), lambda s: s, lambda s: decode_step(params, s, policy, cfg=cfg, gate=gate), s)
         return s, None
 
     state, _ = lax.scan(body, state, None, length=n_steps)
@@ -178,18 +300,18 @@ def decode_chunk(
 
 
 def decode_until_done(
-    params: Params, state: DecodeState, *, cfg: LlamaConfig, hook: StepHook | None = None
+    params: Params, state: DecodeState, policy: Any = None, *, cfg: LlamaConfig, gate: Gate | None = None
 ) -> DecodeState:
     """Decodes until every row has stopped."""
     return lax.while_loop(
-        lambda s: ~jnp.all(s.done), lambda s: decode_step(params, s, cfg=cfg, hook=hook), state
+        lambda s: ~jnp.all(s.done), lambda s: decode_step(params, s, policy, cfg=cfg, gate=gate), state
     )
 
 
 # Compiled entry points. The cache / state is donated so XLA reuses its buffers in place.
-jit_start = jax.jit(start, static_argnames=("out_len", "cfg", "hook"), donate_argnames=("cache",))
-jit_decode_chunk = jax.jit(decode_chunk, static_argnames=("cfg", "n_steps", "hook"), donate_argnames=("state",))
-jit_decode_until_done = jax.jit(decode_until_done, static_argnames=("cfg", "hook"), donate_argnames=("state",))
+jit_start = jax.jit(start, static_argnames=("out_len", "cfg", "gate"), donate_argnames=("cache",))
+jit_decode_chunk = jax.jit(decode_chunk, static_argnames=("cfg", "n_steps", "gate"), donate_argnames=("state",))
+jit_decode_until_done = jax.jit(decode_until_done, static_argnames=("cfg", "gate"), donate_argnames=("state",))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

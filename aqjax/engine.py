@@ -25,7 +25,7 @@ FINISH_NAMES = {
     _decode.RUNNING: None,
     _decode.FINISH_STOP: "stop",
     _decode.FINISH_LENGTH: "length",
-    _decode.FINISH_HOOK: "gate",
+    _decode.FINISH_GATE: "gate",
 }
 
 
@@ -40,10 +40,32 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class GateEvent:
+    """One step where the gate acted (see aqjax.decode.EventLog)."""
+
+    step: int
+    kind: str
+    token: int
+    emitted: int
+    rule: int
+    verdict: int
+    entropy: float
+    mass: float
+
+
+EVENT_NAMES = {_decode.EVENT_BLOCK: "block", _decode.EVENT_FORCE: "force", _decode.EVENT_REWRITE: "rewrite",
+               _decode.EVENT_STOP: "stop", _decode.EVENT_VERDICT: "verdict"}
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationResult:
     tokens: list[int]
     finish_reason: str | None
     prompt_tokens: int
+    verdict: int = 0
+    rule: int = -1
+    confidence: float = 1.0
+    events: tuple[GateEvent, ...] = ()
 
 
 class Generator:
@@ -79,7 +101,7 @@ class Generator:
 
     # -- request preparation -------------------------------------------------------------------------------
 
-    def _prepare(self, prompts, sampling, max_new_tokens, stop_ids, extra):
+    def _prepare(self, prompts, sampling, max_new_tokens, stop_ids, gate_state):
         if not prompts:
             raise RequestError("no prompts given")
         n = len(prompts)
@@ -116,20 +138,25 @@ class Generator:
         max_arr = np.zeros((B,), np.int32)
         max_arr[:n] = max_new
         configs = configs + [SamplingConfig()] * (B - n)
-        if extra is not None:
-            extra = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], B - n, axis=0)]) if B > n else x,
-                                 extra)
+        if gate_state is not None and B > n:
+            # padding rows are inactive; give them a copy of row 0's state so shapes match
+            gate_state = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], B - n, axis=0)]), gate_state)
         cache = KVCache.init(self.cfg, B, T + M, self.dtype)
         return n, (jnp.asarray(tokens), jnp.asarray(lens), cache, SamplingParams.from_configs(configs),
-                   jnp.asarray(max_arr), jnp.asarray(stop_arr), M, extra)
+                   jnp.asarray(max_arr), jnp.asarray(stop_arr), M, gate_state)
 
-    def start(self, prompts, sampling=None, max_new_tokens=128, stop_ids=None, extra: Any = None, hook=None):
-        """Prefills and samples the first token; returns (n_real_rows, DecodeState)."""
-        n, (tokens, lens, cache, sp, max_arr, stop_arr, M, extra) = self._prepare(
-            prompts, sampling, max_new_tokens, stop_ids, extra
+    def start(self, prompts, sampling=None, max_new_tokens=128, stop_ids=None, *, gate=None, policy=None,
+              gate_state: Any = None):
+        """Prefills and samples the first token; returns (n_real_rows, DecodeState).
+
+        With a gate (`gate.core.Gate`) and its compiled `policy` arrays, every token is gated; `gate_state`
+        (leading axis = number of prompts) restores the rows' state from an earlier turn.
+        """
+        n, (tokens, lens, cache, sp, max_arr, stop_arr, M, gate_state) = self._prepare(
+            prompts, sampling, max_new_tokens, stop_ids, gate_state
         )
-        state = _decode.jit_start(self.params, tokens, lens, cache, sp, max_arr, stop_arr, M, extra,
-                                  cfg=self.cfg, hook=hook)
+        state = _decode.jit_start(self.params, tokens, lens, cache, sp, max_arr, stop_arr, M, gate_state, policy,
+                                  cfg=self.cfg, gate=gate)
         return n, state
 
     # -- running -------------------------------------------------------------------------------------------
@@ -141,13 +168,20 @@ class Generator:
         max_new_tokens: int | Sequence[int] = 128,
         stop_ids: Sequence[int] | None = None,
         *,
-        extra: Any = None,
-        hook=None,
-    ) -> list[GenerationResult]:
-        """Generates to completion with one compiled while-loop after the prefill."""
-        n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, extra, hook)
-        state = _decode.jit_decode_until_done(self.params, state, cfg=self.cfg, hook=hook)
-        return self.results(state, n, [len(p) for p in prompts])
+        gate=None,
+        policy: Any = None,
+        gate_state: Any = None,
+        return_state: bool = False,
+    ):
+        """Generates to completion with one compiled while-loop after the prefill.
+
+        Returns the results, or (results, final DecodeState) with return_state (for the gate state/audit).
+        """
+        n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
+                              gate_state=gate_state)
+        state = _decode.jit_decode_until_done(self.params, state, policy, cfg=self.cfg, gate=gate)
+        results = self.results(state, n, [len(p) for p in prompts])
+        return (results, state) if return_state else results
 
     def stream(
         self,
@@ -156,12 +190,14 @@ class Generator:
         max_new_tokens: int | Sequence[int] = 128,
         stop_ids: Sequence[int] | None = None,
         *,
-        extra: Any = None,
-        hook=None,
+        gate=None,
+        policy: Any = None,
+        gate_state: Any = None,
         chunk_size: int | None = None,
     ) -> Iterator[tuple[list[list[int]], Any]]:
         """Yields (new tokens per row, state) after the prefill and after every compiled chunk of steps."""
-        n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, extra, hook)
+        n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
+                              gate_state=gate_state)
         chunk = chunk_size or self.chunk_size
         seen = [0] * n
         while True:
@@ -173,12 +209,22 @@ class Generator:
             yield new, state
             if bool(np.all(done)):
                 return
-            state = _decode.jit_decode_chunk(self.params, state, cfg=self.cfg, n_steps=chunk, hook=hook)
+            state = _decode.jit_decode_chunk(self.params, state, policy, cfg=self.cfg, n_steps=chunk, gate=gate)
 
     def results(self, state, n: int, prompt_lengths: Sequence[int]) -> list[GenerationResult]:
-        out, n_out, finish = jax.device_get((state.out, state.n_out, state.finish))
-        return [
-            GenerationResult(tokens=[int(t) for t in out[i, : n_out[i]]], finish_reason=FINISH_NAMES[int(finish[i])],
-                             prompt_tokens=int(prompt_lengths[i]))
-            for i in range(n)
-        ]
+        out, n_out, finish, verdict, rule, conf, ev = jax.device_get(
+            (state.out, state.n_out, state.finish, state.verdict, state.rule, state.confidence, state.events))
+        results = []
+        for i in range(n):
+            events = ()
+            if ev is not None:
+                events = tuple(
+                    GateEvent(step=int(ev.step[i, j]), kind=EVENT_NAMES[int(ev.kind[i, j])], token=int(ev.token[i, j]),
+                              emitted=int(ev.emitted[i, j]), rule=int(ev.rule[i, j]), verdict=int(ev.verdict[i, j]),
+                              entropy=float(ev.entropy[i, j]), mass=float(ev.mass[i, j]))
+                    for j in range(int(ev.n[i])))
+            results.append(GenerationResult(
+                tokens=[int(t) for t in out[i, : n_out[i]]], finish_reason=FINISH_NAMES[int(finish[i])],
+                prompt_tokens=int(prompt_lengths[i]), verdict=int(verdict[i]), rule=int(rule[i]),
+                confidence=float(conf[i]), events=events))
+        return results

@@ -10,6 +10,7 @@ from aqjax import decode
 from aqjax.engine import Generator, RequestError, bucket
 from aqjax.sampling import SamplingConfig
 from models.config import tiny_config
+from gate.core import NO_RULE, NO_TOKEN, Decision, Gate, Outcome, Verdict
 from models.params import init_params
 
 CFG = tiny_config(max_seq_len=256)
@@ -73,40 +74,93 @@ def test_zero_max_tokens_and_request_errors(gen):
         gen.generate([[1, CFG.vocab_size]])
 
 
-def _ban_hook(banned: int):
-    def process(extra, logits, step):
-        return logits.at[:, banned].set(-jnp.inf), jnp.zeros(logits.shape[0], bool)
+def _ban_gate(vocab: int):
+    """A toy gate: the policy is a banned token id; the per-row state counts emitted tokens."""
 
-    def advance(extra, token, emitted):
-        # the extra slot counts emitted tokens per row, to show it is carried and frozen once a row stops
-        return extra + emitted.astype(extra.dtype)
+    def init(policy, batch):
+        return jnp.zeros((batch,), jnp.int32)
 
-    return decode.StepHook(process, advance)
+    def evaluate(policy, state, logits):
+        d = Decision.admit_all(logits.shape[0], vocab)
+        return d.replace(mask=d.mask.at[:, policy].set(False),
+                         block_rule=jnp.where(logits.argmax(-1) == policy, 7, NO_RULE))
+
+    def check(policy, state, token):
+        return Outcome.unchanged(token)
+
+    def advance(policy, state, token, emitted):
+        return state + emitted.astype(state.dtype)
+
+    return Gate(init, evaluate, check, advance)
 
 
-def test_hook_masks_tokens_and_carries_per_row_state(gen):
+BAN = _ban_gate(CFG.vocab_size)
+
+
+def test_gate_masks_tokens_carries_state_and_records_blocks(gen):
     free = gen.generate(PROMPTS, max_new_tokens=12)
     banned = free[0].tokens[0]
-    hook = _ban_hook(banned)
-    n, state = gen.start(PROMPTS, max_new_tokens=12, extra=jnp.zeros(3, jnp.int32), hook=hook)
-    state = decode.jit_decode_until_done(gen.params, state, cfg=CFG, hook=hook)
-    res = gen.results(state, n, [len(p) for p in PROMPTS])
+    res, state = gen.generate(PROMPTS, max_new_tokens=12, gate=BAN, policy=jnp.int32(banned), return_state=True)
     assert all(banned not in r.tokens for r in res)
-    assert res[0].tokens[0] != banned
-    # extra was padded to the batch bucket (4 rows); each real row counted exactly its emitted tokens
-    np.testing.assert_array_equal(np.asarray(state.extra)[:3], [len(r.tokens) for r in res])
+    # the gate state counted exactly the emitted tokens of each real row
+    np.testing.assert_array_equal(np.asarray(state.gate_state)[:3], [len(r.tokens) for r in res])
+    # row 0's very first top choice was blocked: the audit event names the token, rule and admissible mass
+    ev = res[0].events[0]
+    assert (ev.step, ev.kind, ev.token, ev.rule) == (0, "block", banned, 7)
+    assert 0.0 < ev.mass < 1.0 and ev.entropy > 0
+    assert all(e.kind == "block" and e.token == banned for r in res for e in r.events)
+    # the same gate with another policy value reuses the compiled loop
+    sizes = decode.jit_decode_until_done._cache_size()
+    gen.generate(PROMPTS, max_new_tokens=12, gate=BAN, policy=jnp.int32(free[1].tokens[0]))
+    assert decode.jit_decode_until_done._cache_size() == sizes
 
 
-def test_empty_admissible_set_stops_cleanly(gen):
-    def process(extra, logits, step):
-        # everything inadmissible from the 3rd step on
-        return jnp.where(step >= 2, -jnp.inf, logits), jnp.zeros(logits.shape[0], bool)
+def test_gate_state_restores_across_turns(gen):
+    _, s1 = gen.generate(PROMPTS[:1], max_new_tokens=5, gate=BAN, policy=jnp.int32(0), return_state=True)
+    carried = jax.tree.map(lambda x: x[:1], s1.gate_state)
+    _, s2 = gen.generate(PROMPTS[:1], max_new_tokens=4, gate=BAN, policy=jnp.int32(0), gate_state=carried,
+                         return_state=True)
+    assert int(s2.gate_state[0]) == 9
 
-    hook = decode.StepHook(process, lambda e, t, m: e)
-    res = gen.generate(PROMPTS, max_new_tokens=12, hook=hook)
+
+def _messages_gate(vocab: int):
+    """Forces token 3 at every step after the first, rewrites sampled token 5 into 6, stops after 4 tokens."""
+
+    def evaluate(policy, state, logits):
+        d = Decision.admit_all(logits.shape[0], vocab)
+        return d.replace(forced=jnp.where(state >= 1, 3, NO_TOKEN), stop=state >= 4,
+                         verdict=jnp.where(state >= 4, Verdict.DEFER, Verdict.ADMIT),
+                         rule=jnp.where(state >= 4, 11, NO_RULE), confidence=jnp.where(state >= 2, 0.5, 1.0))
+
+    def check(policy, state, token):
+        o = Outcome.unchanged(token)
+        return o.replace(token=jnp.where(token == 5, 6, token))
+
+    return Gate(lambda p, b: jnp.zeros((b,), jnp.int32), evaluate, check,
+                lambda p, s, t, e: s + e.astype(s.dtype))
+
+
+def test_forced_tokens_stop_and_verdicts():
+    gen = Generator(CFG, init_params(CFG, jax.random.key(0)), stop_ids=[])
+    res = gen.generate(PROMPTS, max_new_tokens=12, gate=_messages_gate(CFG.vocab_size), policy=())
     for r in res:
-        assert len(r.tokens) == 2 and r.finish_reason == "gate"
+        assert r.tokens[1:] == [3, 3, 3] and r.finish_reason == "gate"
+        assert r.verdict == Verdict.DEFER and r.rule == 11 and r.confidence == 0.5
+        assert [e.kind for e in r.events] == ["force", "force", "force", "stop"]
+
+
+def test_empty_admissible_set_refuses_cleanly(gen):
+    def evaluate(policy, state, logits):
+        d = Decision.admit_all(logits.shape[0], CFG.vocab_size)
+        return d.replace(mask=jnp.broadcast_to(state[:, None] < 2, d.mask.shape))
+
+    g = Gate(lambda p, b: jnp.zeros((b,), jnp.int32), evaluate, lambda p, s, t: Outcome.unchanged(t),
+             lambda p, s, t, e: s + e.astype(s.dtype))
+    res = gen.generate(PROMPTS, max_new_tokens=12, gate=g, policy=())
+    for r in res:
+        assert len(r.tokens) == 2 and r.finish_reason == "gate" and r.verdict == Verdict.REFUSE
         assert all(0 <= t < CFG.vocab_size for t in r.tokens)
+        assert r.events[-1].kind == "stop" and np.isfinite(r.events[-1].entropy)
 
 
 def test_known_bucket_never_recompiles(gen):
@@ -121,7 +175,7 @@ def test_known_bucket_never_recompiles(gen):
 def test_decode_step_traces_once():
     cfg = CFG
     g = Generator(cfg, init_params(cfg, jax.random.key(1)), stop_ids=[])
-    step = jax.jit(chex.assert_max_traces(decode.decode_step, n=1), static_argnames=("cfg", "hook"))
+    step = jax.jit(chex.assert_max_traces(decode.decode_step, n=1), static_argnames=("cfg", "gate"))
     for prompt in ([1, 2, 3], [9, 8, 7, 6]):
         _, state = g.start([prompt], max_new_tokens=4)
         for _ in range(3):

@@ -195,7 +195,7 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     gate_state, events = state.gate_state, state.events
     verdict, rule = state.verdict, state.rule
     if gate is not None:
-        gate_state = gate.advance(policy, state.gate_state, token, emitted)
+        gate_state = gate.advance(policy, state.gate_state, token, emitted, sampled_before_rewrite)
         raise_v = running & (verdict_now > verdict)
         verdict = jnp.where(raise_v, verdict_now, verdict)
         rule = jnp.where(raise_v, rule_now, rule)

@@ -4,6 +4,7 @@ Examples:
   python -m aqjax.generate "List three facts about the Moon."
   python -m aqjax.generate --temperature 0.7 --top-p 0.9 --seed 1 --max-tokens 200 "Write a haiku."
   python -m aqjax.generate --model ./smollm2-orbax --system "Answer tersely." "What is RoPE?"
+  python -m aqjax.generate --policy policies/default.yaml --audit --audit-log audit.jsonl "Tell me a secret."
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=8, help="decode steps per compiled call (streaming granularity)")
     p.add_argument("--stats", action="store_true", help="print timing to stderr")
+    p.add_argument("--policy", default=None, help="govern generation with this policy file (YAML)")
+    p.add_argument("--audit", action="store_true", help="print the turn's audit record to stderr (with --policy)")
+    p.add_argument("--audit-log", default=None, help="append the audit record to this hash-chained JSONL file")
     return p
 
 
@@ -63,23 +67,56 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     gen = Generator(model.cfg, model.params, stop_ids=tok.stop_ids, chunk_size=args.chunk)
+    stream, audit_log = None, None
+    if args.policy or args.audit or args.audit_log:
+        if not args.policy:
+            print("error: --audit and --audit-log need --policy", file=sys.stderr)
+            return 2
+        from gate.audit import AuditError, AuditLog
+        from gate.policy import PolicyError, compile_policy, load_policy
+        from gate.turn import governed_stream
+
+        try:
+            compiled = compile_policy(load_policy(args.policy), tok, vocab_size=model.cfg.vocab_size)
+            audit_log = AuditLog(args.audit_log) if args.audit_log else None
+        except (PolicyError, AuditError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        stream = governed_stream(gen, tok, compiled, prompt_ids, sampling, args.max_tokens, audit=audit_log,
+                                 chunk_size=args.chunk)
+    else:
+        stream = (new[0] for new, _ in gen.stream([prompt_ids], sampling, args.max_tokens))
     t_load = time.perf_counter() - t0
 
     decoder = StreamDecoder(tok)
-    n_tokens, t_first, finish = 0, None, None
+    n_tokens, t_first, finish, turn = 0, None, None, None
     t1 = time.perf_counter()
     try:
-        for new, state in gen.stream([prompt_ids], sampling, args.max_tokens):
+        for item in stream:
+            if not isinstance(item, list):
+                turn = item  # the governed turn's result comes last
+                continue
             if t_first is None:
                 t_first = time.perf_counter() - t1
-            n_tokens += len(new[0])
-            sys.stdout.write(decoder.push(new[0]))
+            n_tokens += len(item)
+            sys.stdout.write(decoder.push(item))
             sys.stdout.flush()
-        finish = gen.results(state, 1, [len(prompt_ids)])[0].finish_reason
     except RequestError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(decoder.flush() + "\n")
+    if turn is not None:
+        finish = turn.finish_reason
+        print(f"[verdict {turn.verdict}, confidence {turn.confidence:.2f}, finish {turn.finish_reason}, "
+              f"{len(turn.events)} gate events" + (f", {turn.structure_report}" if turn.structure_report else "")
+              + "]", file=sys.stderr)
+        if args.audit:
+            import json
+
+            record = turn.record.to_dict() if turn.record is not None else {"events": list(turn.events)}
+            print(json.dumps(record, indent=1, ensure_ascii=False), file=sys.stderr)
+        if audit_log is not None:
+            audit_log.close()
     total = time.perf_counter() - t1
     if args.stats:
         rate = (n_tokens - 1) / (total - t_first) if n_tokens > 1 and total > t_first else float("nan")

@@ -14,8 +14,10 @@ does not recompile), then the per-row **state** (a pytree whose leaves have a le
       after sampling, before anything is emitted: the token actually emitted (a SUBSTITUTE or REFUSE rule
       may replace it with the first token of its message), the verdict, the rule, and whether the row
       stops after this token. Pure: it does not change the state.
-  advance(policy, state, token, emitted) -> state
-      the state after the row emitted `token`; rows with emitted False keep their state unchanged.
+  advance(policy, state, token, emitted, seen) -> state
+      the state after the row emitted `token`; rows with emitted False keep their state unchanged. `seen` is
+      the token this gate's `check` was given (it differs from `token` when a check rewrote it), so a gate
+      can tell that its own rule fired; gates that never rewrite ignore it.
 
 Verdicts form a lattice ADMIT < DOWNGRADE < CLARIFY < DEFER < REFUSE: composed gates take the maximum.
 Masks intersect. Token ids, verdicts and rule ids are int32 arrays; nothing here branches in Python on a
@@ -133,7 +135,7 @@ class Gate(NamedTuple):
     init: Callable[[Any, int], Any]
     evaluate: Callable[[Any, Any, Float[Array, "B V"]], Decision]
     check: Callable[[Any, Any, Int[Array, "B"]], Outcome]
-    advance: Callable[[Any, Any, Int[Array, "B"], Bool[Array, "B"]], Any]
+    advance: Callable[[Any, Any, Int[Array, "B"], Bool[Array, "B"], Int[Array, "B"]], Any]
 
 
 def _pick_rule(verdict_a, rule_a, verdict_b, rule_b):
@@ -167,7 +169,7 @@ def chain(*gates: Gate) -> Gate:
 
     evaluate: masks intersect, verdicts take the maximum, the first gate that forces a token wins.
     check: each gate sees the token as rewritten by the gates before it; verdicts take the maximum; any stop
-    ends the row. advance: every gate advances with the token finally emitted.
+    ends the row. advance: every gate advances with the token finally emitted, and learns what its check saw.
     """
     gates = tuple(gates)
 
@@ -189,8 +191,14 @@ def chain(*gates: Gate) -> Gate:
             out = Outcome(token=o.token, verdict=verdict, rule=rule, stop=out.stop | o.stop)
         return out
 
-    def advance(policy, state, token, emitted):
-        return tuple(g.advance(p, s, token, emitted) for g, p, s in zip(gates, policy, state))
+    def advance(policy, state, token, emitted, seen=None):
+        seen = token if seen is None else seen
+        # Replay the checks (pure, cheap) to know which token each gate's check saw.
+        out = []
+        for g, p, s in zip(gates, policy, state):
+            out.append(g.advance(p, s, token, emitted, seen))
+            seen = g.check(p, s, seen).token
+        return tuple(out)
 
     return Gate(init, evaluate, check, advance)
 
@@ -220,5 +228,5 @@ def pack_bits(mask) -> "np.ndarray":  # noqa: F821
     W = -(-V // 32)
     padded = np.zeros(mask.shape[:-1] + (W * 32,), bool)
     padded[..., :V] = mask
-    bits = padded.reshape(mask.shape[:-1] + (W, 32)).astype(np.uint64)
-    return (bits << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
+    # little bit order within bytes + little-endian words = bit j of word w is element 32 * w + j
+    return np.packbits(padded, axis=-1, bitorder="little").view("<u4").astype(np.uint32)

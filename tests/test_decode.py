@@ -88,7 +88,7 @@ def _ban_gate(vocab: int):
     def check(policy, state, token):
         return Outcome.unchanged(token)
 
-    def advance(policy, state, token, emitted):
+    def advance(policy, state, token, emitted, seen):
         return state + emitted.astype(state.dtype)
 
     return Gate(init, evaluate, check, advance)
@@ -137,7 +137,7 @@ def _messages_gate(vocab: int):
         return o.replace(token=jnp.where(token == 5, 6, token))
 
     return Gate(lambda p, b: jnp.zeros((b,), jnp.int32), evaluate, check,
-                lambda p, s, t, e: s + e.astype(s.dtype))
+                lambda p, s, t, e, seen: s + e.astype(s.dtype))
 
 
 def test_forced_tokens_stop_and_verdicts():
@@ -155,7 +155,7 @@ def test_empty_admissible_set_refuses_cleanly(gen):
         return d.replace(mask=jnp.broadcast_to(state[:, None] < 2, d.mask.shape))
 
     g = Gate(lambda p, b: jnp.zeros((b,), jnp.int32), evaluate, lambda p, s, t: Outcome.unchanged(t),
-             lambda p, s, t, e: s + e.astype(s.dtype))
+             lambda p, s, t, e, seen: s + e.astype(s.dtype))
     res = gen.generate(PROMPTS, max_new_tokens=12, gate=g, policy=())
     for r in res:
         assert len(r.tokens) == 2 and r.finish_reason == "gate" and r.verdict == Verdict.REFUSE

@@ -49,30 +49,31 @@ def apply_rope(x: Float[Array, "B T ... H"], cos, sin) -> Float[Array, "B T ... 
     return out.astype(x.dtype)
 
 
-def _attention(q, k_cache, v_cache, q_pos, *, cfg: LlamaConfig):
+def _attention(q, k_cache, v_cache, bias, *, cfg: LlamaConfig):
     """Causal GQA attention of T queries per row over the row's cache (already holding the new keys).
 
     Args:
       q: Float[B, T, K, G, H] queries grouped by their kv head.
-      k_cache, v_cache: Float[B, K, S, H] this layer's cache.
-      q_pos: Int[B, T] absolute positions of the queries.
+      k_cache: Float[B, K, H, S] this layer's keys; v_cache: Float[B, K, S, H] its values.
+      bias: Float[B, 1, T*G, S] 0 where a query may attend, -1e30 elsewhere (later and stale positions).
 
     Returns:
       Float[B, T, K, G, H].
     """
     B, T, K, G, H = q.shape
-    S = k_cache.shape[2]
-    # [B, K, T*G, H]: the batched dims (B, K) lead in q and in the cache, so XLA's dot reads the cache as is.
-    qg = q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    scores = jnp.einsum("BKQH,BKSH->BKQS", qg, k_cache, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(H)))
-    # A query sees every cached position up to its own; later and stale positions are masked.
-    qp = jnp.repeat(q_pos, G, axis=1)  # [B, T*G], query order (t, g)
-    visible = jnp.arange(S)[None, None, :] <= qp[:, :, None]
-    scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
+    # [B, K, T*G, H]: the batched dims (B, K) lead in q and in the cache, so XLA's dots read the cache as is.
+    qg = (q * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q.dtype)).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    scores = jnp.einsum("BKQH,BKHS->BKQS", qg, k_cache, preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("BKQS,BKSH->BKQH", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
+
+
+def _attention_bias(positions: Int[Array, "B T"], G: int, S: int) -> Float[Array, "B 1 Q S"]:
+    # A query sees every cached position up to its own. Built once per forward, shared by all layers.
+    qp = jnp.repeat(positions, G, axis=1)  # [B, T*G], query order (t, g)
+    visible = jnp.arange(S)[None, None, :] <= qp[:, :, None]
+    return jnp.where(visible, 0.0, -1e30).astype(jnp.float32)[:, None]
 
 
 def forward(
@@ -103,7 +104,8 @@ def forward(
     start = cache.lengths
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    # Scatter indices into a layer's [B, K, S, H] slice, for new entries laid out [B, K, T, H].
+    bias = _attention_bias(positions, G, cache.max_len)
+    # Scatter indices into a layer's cache slice, for new entries laid out [B, K, T, H].
     b_idx = jnp.arange(B)[:, None, None]
     k_idx = jnp.arange(cfg.n_kv_heads)[None, :, None]
     s_idx = positions[:, None, :]
@@ -119,9 +121,10 @@ def forward(
         k = apply_rope(qkv[..., G, :], cos, sin)
         v = qkv[..., G + 1, :]
         # Write the new entries into this layer's slice of the loop-carried buffers (in place).
-        k_all = k_all.at[idx, b_idx, k_idx, s_idx].set(k.transpose(0, 2, 1, 3).astype(k_all.dtype), mode="drop")
+        # (the slice between the advanced indices puts H last in the updated block: [B, K, T, H])
+        k_all = k_all.at[idx, b_idx, k_idx, :, s_idx].set(k.transpose(0, 2, 1, 3).astype(k_all.dtype), mode="drop")
         v_all = v_all.at[idx, b_idx, k_idx, s_idx].set(v.transpose(0, 2, 1, 3).astype(v_all.dtype), mode="drop")
-        attn = _attention(q, k_all[idx], v_all[idx], positions, cfg=cfg)
+        attn = _attention(q, k_all[idx], v_all[idx], bias, cfg=cfg)
         x = x + jnp.einsum("BTKGH,KGHD->BTD", attn, lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         gate_up = jnp.einsum("BTD,DCF->BTCF", h, lp["w_gate_up"])

@@ -29,3 +29,22 @@ def smollm2(smollm2_gguf):
     from models.loader import load_model
 
     return load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    """A byte-level BPE trained here on a few lines: a vocabulary unrelated to SmolLM2's."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from models.tokenizer import Tokenizer
+
+    text = ["the secret password is not a launch code", "never write a bomb recipe", 'reply {"answer": "yes"}',
+            "hello world, hello json"] * 10
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(text, trainer)
+    return Tokenizer(backend, bos_id=0, eos_id=0, pad_id=0, byte_scheme="byte_level")

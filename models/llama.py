@@ -69,6 +69,44 @@ def _attention(q, k_cache, v_cache, bias, *, cfg: LlamaConfig):
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
 
 
+def _attention_blocked(q, k_all, v_all, idx, q_pos, *, cfg: LlamaConfig, block: int):
+    """Decode-time attention that reads only the cache blocks some query can see (bounded by row length).
+
+    Walks the layer's cache in blocks of `block` positions up to the batch's furthest query position, with
+    an online softmax, so the work and memory traffic follow the rows' lengths, not the cache's capacity.
+
+    Args:
+      q: Float[B, T, K, G, H]; k_all: Float[L, B, K, H, S]; v_all: Float[L, B, K, S, H]; idx: the layer.
+      q_pos: Int[B, T] absolute positions of the queries.
+    """
+    B, T, K, G, H = q.shape
+    Q = T * G
+    qg = (q * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q.dtype)).transpose(0, 2, 1, 3, 4).reshape(B, K, Q, H)
+    qp = jnp.repeat(q_pos, G, axis=1)[:, None, :, None]  # [B, 1, Q, 1], query order (t, g)
+    n_blocks = (jnp.max(q_pos) + block) // block
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = j * block
+        kb = lax.dynamic_slice(k_all, (idx, 0, 0, 0, start), (1, B, K, H, block))[0]
+        vb = lax.dynamic_slice(v_all, (idx, 0, 0, start, 0), (1, B, K, block, H))[0]
+        s = jnp.einsum("BKQH,BKHS->BKQS", qg, kb, preferred_element_type=jnp.float32)
+        s = jnp.where(start + jnp.arange(block) <= qp, s, -1e30)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("BKQS,BKSH->BKQH", p.astype(vb.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    init = (jnp.full((B, K, Q), -1e30, jnp.float32), jnp.zeros((B, K, Q), jnp.float32),
+            jnp.zeros((B, K, Q, H), jnp.float32))
+    _, l, acc = lax.fori_loop(0, n_blocks, body, init)
+    out = acc / l[..., None]
+    return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
+
+
 def _attention_bias(positions: Int[Array, "B T"], G: int, S: int) -> Float[Array, "B 1 Q S"]:
     # A query sees every cached position up to its own. Built once per forward, shared by all layers.
     qp = jnp.repeat(positions, G, axis=1)  # [B, T*G], query order (t, g)
@@ -104,7 +142,12 @@ def forward(
     start = cache.lengths
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    bias = _attention_bias(positions, G, cache.max_len)
+    S = cache.max_len
+    # Few queries (decode, speculative verification): read only the blocks the rows reach. Many (prefill):
+    # one pass over the whole cache, whose capacity then is close to the prompt length anyway.
+    block = next((b for b in (64, 32, 16) if S % b == 0), None)
+    blocked = T * G <= 32 and block is not None and S > block
+    bias = None if blocked else _attention_bias(positions, G, S)
     # Scatter indices into a layer's cache slice, for new entries laid out [B, K, T, H].
     b_idx = jnp.arange(B)[:, None, None]
     k_idx = jnp.arange(cfg.n_kv_heads)[None, :, None]
@@ -124,7 +167,10 @@ def forward(
         # (the slice between the advanced indices puts H last in the updated block: [B, K, T, H])
         k_all = k_all.at[idx, b_idx, k_idx, :, s_idx].set(k.transpose(0, 2, 1, 3).astype(k_all.dtype), mode="drop")
         v_all = v_all.at[idx, b_idx, k_idx, s_idx].set(v.transpose(0, 2, 1, 3).astype(v_all.dtype), mode="drop")
-        attn = _attention(q, k_all[idx], v_all[idx], bias, cfg=cfg)
+        if blocked:
+            attn = _attention_blocked(q, k_all, v_all, idx, positions, cfg=cfg, block=block)
+        else:
+            attn = _attention(q, k_all[idx], v_all[idx], bias, cfg=cfg)
         x = x + jnp.einsum("BTKGH,KGHD->BTD", attn, lp["wo"])
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         gate_up = jnp.einsum("BTD,DCF->BTCF", h, lp["w_gate_up"])

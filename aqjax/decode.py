@@ -27,6 +27,7 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from aqjax import ops
 from aqjax.cache import KVCache
 from aqjax.sampling import SamplingParams, sample
 from gate.core import NO_RULE, NO_TOKEN, Gate, Verdict
@@ -199,7 +200,7 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
         raise_v = running & (verdict_now > verdict)
         verdict = jnp.where(raise_v, verdict_now, verdict)
         rule = jnp.where(raise_v, rule_now, rule)
-        top = jnp.argmax(raw, axis=-1).astype(jnp.int32)
+        top = ops.argmax(raw)
         blocked = running & ~has_forced & ~d.mask[rows, top]
         forced_now = running & has_forced & ~pre_stop
         kind = jnp.where(pre_stop, EVENT_STOP, jnp.where(

@@ -22,6 +22,8 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from aqjax import ops
+
 NEG_INF = -jnp.inf
 
 
@@ -135,13 +137,13 @@ def sample(logits: Float[Array, "B V"], params: SamplingParams, index: Int[Array
     Returns:
       Int[B] token ids.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = ops.argmax(logits)
 
     def draw(logits):
         filtered = filter_logits(logits, params)
         keys = jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k, impl="threefry2x32"), i))(
             params.key, index)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        drawn = jax.vmap(ops.categorical)(keys, filtered)
         return jnp.where(params.temperature > 0, drawn, greedy)
 
     # Random bits for B x V Gumbel noise cost more than the argmax: skip them when every row is greedy.

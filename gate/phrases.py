@@ -47,6 +47,7 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
+from aqjax import ops
 from gate.core import (
     NO_RULE,
     NO_TOKEN,
@@ -481,7 +482,7 @@ def _evaluate(policy: CompiledPhrases, state: PhraseState, logits: Float[Array, 
     pos = jnp.minimum(state.forced_pos, policy.messages.shape[1] - 1)
     refuse = in_msg & (policy.rule_action[r] == Action.REFUSE)
     # For the audit: the suppress rule the model's own top token would complete (the walk finds it exactly).
-    top = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    top = ops.argmax(logits)
     _, hit = _walk(policy, state.ac, top, policy.out_suppress)
     return Decision(
         mask=~banned,

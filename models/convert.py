@@ -5,8 +5,10 @@
 An aqjax checkpoint dir holds:
 
     DST/params/             the params pytree, saved with orbax's StandardCheckpointer
+    DST/tokenizer.json      the tokenizer's HF-native JSON (parsed by the Rust library only: fast to load)
     DST/aqjax_model.json    {"format", "config": LlamaConfig dict, "dtype", "source": {path, kind, sha256},
-                             "tokenizer": Tokenizer.to_json() parsed, or null when the source has none}
+                             "tokenizer": the aqjax settings around it (Tokenizer.to_parts()[1]), or null
+                             when the source has none}
 
 The manifest is written last, so its presence marks a complete checkpoint (`models.loader` dispatches on it).
 Loading it skips dequantization entirely (see bench/load.py for the speed-up).
@@ -35,6 +37,7 @@ from models.params import Params, check_params, param_shapes
 
 MANIFEST = "aqjax_model.json"
 PARAMS_DIR = "params"
+TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "aqjax-orbax-v1"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -78,7 +81,7 @@ def save_orbax(
     if dst.exists() and any(dst.iterdir()):
         if not force:
             raise FileExistsError(f"{dst} exists and is not empty (use --force to replace it)")
-        foreign = sorted(p.name for p in dst.iterdir() if p.name not in (MANIFEST, PARAMS_DIR))
+        foreign = sorted(p.name for p in dst.iterdir() if p.name not in (MANIFEST, PARAMS_DIR, TOKENIZER_FILE))
         if foreign:  # --force replaces an aqjax checkpoint, never an arbitrary directory
             raise FileExistsError(
                 f"{dst} holds files that are not an aqjax checkpoint ({foreign[:5]}); not replacing it"
@@ -93,20 +96,27 @@ def save_orbax(
     # Uncompressed: zstd shrinks float weights only ~35% but makes restoring about twice as slow.
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
         ckptr.save(dst / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
-    tok_json = None if tokenizer is None else tokenizer.to_json()
+    tok_meta = None
+    if tokenizer is not None:
+        backend, tok_meta = tokenizer.to_parts()
+        _write_atomic(dst / TOKENIZER_FILE, backend)
     manifest = {
         "format": FORMAT,
         "config": cfg.to_dict(),
         "dtype": dtypes.pop(),
         "source": source,
-        "tokenizer": json.loads(tok_json) if isinstance(tok_json, str) else tok_json,
+        "tokenizer": tok_meta,
     }
-    fd, tmp = tempfile.mkstemp(dir=dst, prefix=f".{MANIFEST}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, ensure_ascii=False)
-        os.fchmod(f.fileno(), 0o644)
-    os.replace(tmp, dst / MANIFEST)
+    _write_atomic(dst / MANIFEST, json.dumps(manifest, ensure_ascii=False))
     return dst
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        os.fchmod(f.fileno(), 0o644)
+    os.replace(tmp, path)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=jnp.float32, force: bool = False) -> pathlib.Path:
@@ -134,14 +144,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def manifest_tokenizer(manifest: dict):
-    """The Tokenizer stored in a manifest, or None if the checkpoint has none."""
-    data = manifest.get("tokenizer")
-    if data is None:
+def manifest_tokenizer(path: str | os.PathLike, manifest: dict):
+    """The Tokenizer stored in the checkpoint dir `path` (whose manifest is given), or None if it has none."""
+    meta = manifest.get("tokenizer")
+    if meta is None:
         return None
     from models.tokenizer import Tokenizer
 
-    return Tokenizer.from_json(json.dumps(data))
+    file = pathlib.Path(path) / TOKENIZER_FILE
+    try:
+        backend = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ModelFileError(file, f"cannot read the tokenizer: {e}") from None
+    return Tokenizer.from_parts(backend, meta)
 
 
 def load_orbax(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, Params]:
@@ -159,12 +174,6 @@ def load_orbax(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig,
     dt = np.dtype(dtype)
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"dtype must be a floating type, got {dt}")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, dt, sharding=sharding),
-        param_shapes(cfg),
-        is_leaf=lambda x: isinstance(x, tuple),
-    )
     if not (d / PARAMS_DIR).is_dir():
         raise ModelFileError(d / PARAMS_DIR, "params directory not found")
     import orbax.checkpoint as ocp
@@ -181,10 +190,17 @@ def load_orbax(path: str | os.PathLike, dtype=jnp.float32) -> tuple[LlamaConfig,
             check_params(stored, cfg, where=str(d / PARAMS_DIR))
         except ConfigError as e:
             raise ModelFileError(d, f"params do not match the manifest's config: {e}") from None
-        try:
-            params = ckptr.restore(d / PARAMS_DIR, target)
-        except Exception as e:
-            raise ModelFileError(d / PARAMS_DIR, f"cannot restore params: {type(e).__name__}: {e}") from e
+    # Restoring into host numpy arrays and handing them to JAX once is about twice as fast as letting orbax
+    # build device arrays itself (measured on the 538 MB SmolLM2 checkpoint: 0.39 s against 0.75 s).
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), param_shapes(cfg),
+                                is_leaf=lambda x: isinstance(x, tuple))
+    try:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+            host = ckptr.restore(d / PARAMS_DIR, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:
+        raise ModelFileError(d / PARAMS_DIR, f"cannot restore params: {type(e).__name__}: {e}") from e
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dt), host)
+    check_params(params, cfg, where=str(d / PARAMS_DIR))
     return cfg, params
 
 

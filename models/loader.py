@@ -71,7 +71,7 @@ def load_model(path: str | os.PathLike | None = None, dtype=jnp.float32) -> Load
         from models.convert import load_orbax, manifest_tokenizer, read_manifest
 
         cfg, params = load_orbax(p, dtype)
-        tok = manifest_tokenizer(read_manifest(p))
+        tok = manifest_tokenizer(p, read_manifest(p))
     elif p.is_dir() and (p / "config.json").is_file():
         from models.convert import HF_TOKENIZER_FILES
         from models.safetensors import load_hf_dir

@@ -415,23 +415,51 @@ class Tokenizer:
             add_bos_default=bool(config.get("add_bos_token", False)),
         )
 
+    def to_parts(self) -> tuple[str, dict]:
+        """(the backend's native HF tokenizer.json text, the aqjax settings around it as a small dict)."""
+        meta = {
+            "format": _JSON_FORMAT,
+            "version": _JSON_VERSION,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "stop_ids": list(self.stop_ids),
+            "chat_template": self.chat_template,
+            "byte_scheme": self._byte_scheme,
+            "add_bos_default": self.add_bos_default,
+        }
+        return self._backend.to_str(), meta
+
+    @classmethod
+    def from_parts(cls, backend_json: str, meta: Mapping[str, Any]) -> Tokenizer:
+        """Inverse of `to_parts`. The backend text is parsed by the Rust library only (fast for big vocabularies)."""
+        if not isinstance(meta, Mapping) or meta.get("format") != _JSON_FORMAT:
+            raise TokenizerError("not an aqjax tokenizer JSON (missing 'format')")
+        if meta.get("version") != _JSON_VERSION:
+            raise TokenizerError(f"tokenizer JSON version {meta.get('version')!r} is not {_JSON_VERSION}")
+        try:
+            backend = tokenizers.Tokenizer.from_str(backend_json)
+            return cls(
+                backend,
+                bos_id=meta["bos_id"],
+                eos_id=meta["eos_id"],
+                pad_id=meta["pad_id"],
+                stop_ids=meta["stop_ids"],
+                chat_template=meta["chat_template"],
+                byte_scheme=meta["byte_scheme"],
+                add_bos_default=meta["add_bos_default"],
+            )
+        except KeyError as e:
+            raise TokenizerError(f"tokenizer JSON lacks {e}") from e
+        except TokenizerError:
+            raise
+        except Exception as e:
+            raise TokenizerError(f"tokenizer JSON is malformed: {e}") from e
+
     def to_json(self) -> str:
         """Serializes the whole tokenizer (vocabulary, merges, special ids, chat template) as one JSON string."""
-        return json.dumps(
-            {
-                "format": _JSON_FORMAT,
-                "version": _JSON_VERSION,
-                "backend": json.loads(self._backend.to_str()),
-                "bos_id": self.bos_id,
-                "eos_id": self.eos_id,
-                "pad_id": self.pad_id,
-                "stop_ids": list(self.stop_ids),
-                "chat_template": self.chat_template,
-                "byte_scheme": self._byte_scheme,
-                "add_bos_default": self.add_bos_default,
-            },
-            ensure_ascii=False,
-        )
+        backend, meta = self.to_parts()
+        return json.dumps({**meta, "backend": json.loads(backend)}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, s: str) -> Tokenizer:
@@ -440,28 +468,9 @@ class Tokenizer:
             d = json.loads(s)
         except ValueError as e:
             raise TokenizerError(f"tokenizer JSON does not parse: {e}") from e
-        if not isinstance(d, dict) or d.get("format") != _JSON_FORMAT:
-            raise TokenizerError("not an aqjax tokenizer JSON (missing 'format')")
-        if d.get("version") != _JSON_VERSION:
-            raise TokenizerError(f"tokenizer JSON version {d.get('version')!r} is not {_JSON_VERSION}")
-        try:
-            backend = tokenizers.Tokenizer.from_str(json.dumps(d["backend"]))
-            return cls(
-                backend,
-                bos_id=d["bos_id"],
-                eos_id=d["eos_id"],
-                pad_id=d["pad_id"],
-                stop_ids=d["stop_ids"],
-                chat_template=d["chat_template"],
-                byte_scheme=d["byte_scheme"],
-                add_bos_default=d["add_bos_default"],
-            )
-        except KeyError as e:
-            raise TokenizerError(f"tokenizer JSON lacks {e}") from e
-        except TokenizerError:
-            raise
-        except Exception as e:
-            raise TokenizerError(f"tokenizer JSON is malformed: {e}") from e
+        if not isinstance(d, dict) or "backend" not in d:
+            raise TokenizerError("not an aqjax tokenizer JSON (missing 'format' or 'backend')")
+        return cls.from_parts(json.dumps(d.pop("backend")), d)
 
     # ------------------------------------------------------------------------------------------------ using
 

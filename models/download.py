@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -164,8 +165,20 @@ def _exclusive_lock(lock_path: pathlib.Path, *, progress: bool):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@functools.cache
+def _pip_has_raw_progress() -> bool:
+    """Whether this interpreter's pip knows `--progress-bar raw` (pip >= 24.1; a fresh venv may bring 23.x)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "download", "--help"], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "raw" in out
+
+
 def _pip_command(dest: pathlib.Path) -> list[str]:
-    # "raw" progress prints "Progress N of M" lines on stdout, which we turn into a tqdm bar on stderr.
+    # "raw" progress prints "Progress N of M" lines on stdout, which we turn into a tqdm bar on stderr; an older
+    # pip gets "off" (the bar then only counts bytes as they arrive, without a total).
     return [
         sys.executable,
         "-m",
@@ -176,7 +189,7 @@ def _pip_command(dest: pathlib.Path) -> list[str]:
         "-d",
         str(dest),
         "--progress-bar",
-        "raw",
+        "raw" if _pip_has_raw_progress() else "off",
         "--disable-pip-version-check",
         "--no-input",
     ]

@@ -148,8 +148,11 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     B, M = state.out.shape
     running = ~state.done
     raw = logits
+    gate_state = state.gate_state
     if gate is not None:
-        d = gate.evaluate(policy, state.gate_state, logits)
+        d = gate.evaluate(policy, gate_state, logits)
+        # a gate may fold what it observed at this step (e.g. the entropy it charges) into its state
+        gate_state = gate_state if d.state is None else d.state
         logits = jnp.where(d.mask, logits, -jnp.inf)
         forced = d.forced
     else:
@@ -170,7 +173,7 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
         pre_stop = pre_stop | d.stop
         verdict_now = jnp.maximum(verdict_now, d.verdict)
         rule_now = d.rule
-        o = gate.check(policy, state.gate_state, token)
+        o = gate.check(policy, gate_state, token)
         rewritten = running & ~pre_stop & (o.token != token)
         sampled_before_rewrite = token
         token = o.token
@@ -193,10 +196,10 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     finish = jnp.where(is_stop, FINISH_STOP, finish)
     finish = jnp.where(at_limit, FINISH_LENGTH, finish)
 
-    gate_state, events = state.gate_state, state.events
+    events = state.events
     verdict, rule = state.verdict, state.rule
     if gate is not None:
-        gate_state = gate.advance(policy, state.gate_state, token, emitted, sampled_before_rewrite)
+        gate_state = gate.advance(policy, gate_state, token, emitted, sampled_before_rewrite)
         raise_v = running & (verdict_now > verdict)
         verdict = jnp.where(raise_v, verdict_now, verdict)
         rule = jnp.where(raise_v, rule_now, rule)

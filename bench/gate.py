@@ -173,5 +173,147 @@ def _gates_of(compiled):
     return [phrase_gate(V) if k == "phrases" else structure_gate(V, eos) for k in compiled.kinds]
 
 
+# ==============================================================================================================
+# Part 2: every gate of both parts on (authority, escalation, disclosure, grounding, evidence budget on top of the
+# realistic phrases + JSON policy above). Run:  python bench/gate.py part2 [--new 64] [--reps 3] [--batches 1,32]
+#
+# 1. Decode step time, ungated vs every gate on, at batch 1 and 32 (interleaved runs, medians; target <= 1.03x).
+#    Each row is a realistic turn: a principal with tools in AUTO mode, 8 protected spans in the session, the
+#    evidence trie of a 2,000-token document, a budget large enough never to end the row, escalation topics on.
+# 2. Evidence-trie build time for a 2,000-token document (best of 20), and what else a turn's set-up costs.
+
+
+def part2_policy(n_phrases: int) -> Policy:
+    """`realistic_policy(n_phrases)` plus the document-level sections of policies/bank.yaml."""
+    from gate.policy import load_policy
+
+    bank = load_policy(os.path.join(_HERE, os.pardir, "policies", "bank.yaml")).to_dict()
+    doc = realistic_policy(n_phrases).to_dict()
+    doc["name"] = f"bench-part2-{n_phrases}"
+    # bank's messages, but the part-1 redaction marker (one with no letters, so it cannot complete a phrase)
+    doc["messages"].update({k: v for k, v in bank["messages"].items() if k != "redaction"})
+    for key in ("tools", "roles", "principals", "classification", "evidence", "grounding", "escalation"):
+        doc[key] = bank[key]
+    doc["evidence"] = dict(doc["evidence"], base_budget=1e6, max_budget=1e9)  # never ends a row early
+    return Policy.from_dict(doc)
+
+
+def evidence_document(tokenizer, n_tokens: int = 2000) -> str:
+    """A deterministic report-like text of at least `n_tokens` tokens, dense with figures."""
+    rng = np.random.default_rng(0)
+    words = ("revenue", "grew", "in", "the", "quarter", "to", "EUR", "while", "costs", "of", "branches", "staff",
+             "were", "and", "margin", "reached", "percent", "compared", "with", "last", "year")
+    parts, text = [], ""
+    while len(tokenizer.encode(text)) < n_tokens:
+        for _ in range(50):
+            parts.append(str(rng.choice(words)))
+            r = rng.random()
+            if r < 0.12:
+                parts.append(f"{int(rng.integers(1_000, 10**8)):,}")
+            elif r < 0.2:
+                parts.append(f"{rng.random() * 100:.1f}")
+        text = " ".join(parts) + "."
+    return text
+
+
+def part2_state(compiled, tokenizer, batch: int, document: str):
+    """The chain's state for `batch` rows of realistic turns (see the section header)."""
+    from gate import authority, disclosure, escalation, evidence, grounding
+
+    state = list(compiled.gate.init(compiled.arrays, batch))
+    spans = disclosure.default_spans(document)[:8]
+    trie = grounding.build_trie([document])
+    for k, kind in enumerate(compiled.kinds):
+        if kind == "authority":
+            state[k] = authority.begin_turn(compiled.arrays[k], state[k], principal=np.arange(batch) % 3,
+                                            mode=authority.AUTO)
+        elif kind == "escalation":
+            state[k] = escalation.begin_turn(state[k], np.zeros((batch, 3), np.int32),
+                                             np.full(batch, (1 << len(compiled.policy.escalation)) - 1))
+        elif kind == "disclosure":
+            state[k] = disclosure.begin_turn([[(2, s, True) for s in spans]] * batch, compiled.policy.normalization)
+        elif kind == "grounding":
+            state[k] = grounding.begin_turn(state[k], [trie] * batch)
+        elif kind == "evidence":
+            state[k] = evidence.begin_turn([1e6] * batch)
+    return tuple(state)
+
+
+def _decode_seconds(gen, prompts, new, gate=None, policy=None, gate_state=None) -> tuple[float, int]:
+    from aqjax import decode as _decode
+    from aqjax.sampling import SamplingConfig
+
+    _, state = gen.start(prompts, SamplingConfig(), max_new_tokens=new, stop_ids=[], gate=gate, policy=policy,
+                         gate_state=gate_state)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    state = _decode.jit_decode_until_done(gen.params, state, policy, cfg=gen.cfg, gate=gate)
+    jax.block_until_ready(state)
+    return time.perf_counter() - t0, int(np.max(np.asarray(state.n_out)[: len(prompts)])) - 1
+
+
+def main_part2(argv=None):
+    ap = argparse.ArgumentParser(description="Part 2: every gate of both parts on, vs ungated.")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--phrases", type=int, default=1000)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batches", default="1,32")
+    args = ap.parse_args(argv)
+
+    from gate import disclosure, grounding
+    from models.loader import load_model
+
+    m = load_model(args.model)
+    tok = m.tokenizer
+    t0 = time.perf_counter()
+    compiled = compile_policy(part2_policy(args.phrases), tok, vocab_size=m.cfg.vocab_size, cache=False)
+    compile_s = time.perf_counter() - t0
+    document = evidence_document(tok)
+    n_doc = len(tok.encode(document))
+
+    gen = Generator(m.cfg, m.params, stop_ids=tok.stop_ids)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": SHORT_PROMPT}]))
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        prompts = [ids] * b
+        state = part2_state(compiled, tok, b, document)
+        kw = dict(gate=compiled.gate, policy=compiled.arrays, gate_state=state)
+        _decode_seconds(gen, prompts, args.new)  # compile both
+        _decode_seconds(gen, prompts, args.new, **kw)
+        plain, gated = [], []
+        for _ in range(args.reps):  # interleaved, so drift on a shared machine hits both alike
+            t, n = _decode_seconds(gen, prompts, args.new)
+            plain.append(t / n)
+            t, n = _decode_seconds(gen, prompts, args.new, **kw)
+            gated.append(t / n)
+        rows.append((b, statistics.median(plain) * 1e3, statistics.median(gated) * 1e3))
+
+    def best_ms(fn, reps=20):
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3
+
+    trie_ms = best_ms(lambda: grounding.build_trie([document]))
+    spans = disclosure.default_spans(document)
+    spans_ms = best_ms(lambda: disclosure.begin_turn([[(2, s, True) for s in spans[:8]]] * 32,
+                                                     compiled.policy.normalization))
+    n_numbers = len(set(grounding.number_keys(document)))
+
+    print(f"\naqjax gate benchmark, part 2: {m.cfg.name}, jax {jax.__version__}; gates: {', '.join(compiled.kinds)} "
+          f"({len(compiled.rules)} rules, tables {tables_bytes(compiled.arrays) / 1e6:.1f} MB, compiled in "
+          f"{compile_s:.2f} s)\n")
+    print(f"{'decode step, every gate on':<30}{'ungated ms':>12}{'gated ms':>10}{'ratio':>8}{'target':>8}")
+    for b, p, g in rows:
+        print(f"{'batch ' + str(b):<30}{p:>12.2f}{g:>10.2f}{g / p:>8.3f}{'<=1.03':>8}")
+    print(f"\nevidence trie of a {n_doc}-token document ({n_numbers} distinct numbers): {trie_ms:.2f} ms "
+          f"(best of 20)")
+    print(f"disclosure spans for a batch of 32 rows x 8 spans: {spans_ms:.2f} ms")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_part2(sys.argv[2:]) if sys.argv[1:2] == ["part2"] else main())

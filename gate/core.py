@@ -10,6 +10,8 @@ does not recompile), then the per-row **state** (a pytree whose leaves have a le
   evaluate(policy, state, logits) -> Decision
       before sampling: which tokens are admissible (mask), and whether the row must emit a forced token
       (the continuation of a substitution or a refusal message) or stop now (DEFER, or a message done).
+      A gate that needs what it observed here later in the step (the evidence budget's entropy charge) returns
+      its state with that folded in as `Decision.state`; check and advance then receive that state.
   check(policy, state, token) -> Outcome
       after sampling, before anything is emitted: the token actually emitted (a SUBSTITUTE or REFUSE rule
       may replace it with the first token of its message), the verdict, the rule, and whether the row
@@ -84,6 +86,9 @@ class Decision:
       stop: Bool[B] end the row now, before sampling (wins over a forced token).
       block_rule: Int[B] or None: the rule that made the model's own top token inadmissible, for the audit
         (NO_RULE when the top token is admissible or the gate does not attribute its masks; None = never).
+      state: None, or the gate's state with what `evaluate` observed at this step folded in (e.g. the entropy
+        an evidence budget charges); the loop then gives it to `check` and `advance` instead of the state it
+        gave `evaluate`. `evaluate` runs for every row, so `advance` must keep rows that emit nothing as they were.
     """
 
     mask: Bool[Array, "B V"]
@@ -93,6 +98,7 @@ class Decision:
     forced: Int[Array, "B"]
     stop: Bool[Array, "B"]
     block_rule: Int[Array, "B"] | None = None
+    state: Any = None
 
     @classmethod
     def admit_all(cls, batch: int, vocab: int) -> "Decision":
@@ -177,11 +183,15 @@ def chain(*gates: Gate) -> Gate:
         return tuple(g.init(p, batch) for g, p in zip(gates, policy))
 
     def evaluate(policy, state, logits):
-        decision = None
+        decision, observed = None, []
         for g, p, s in zip(gates, policy, state):
             d = g.evaluate(p, s, logits)
+            observed.append(d.state)
             decision = d if decision is None else merge_decisions(decision, d)
-        return decision
+        # the chain's state as the gates observed it (None when no gate folded anything in)
+        folded = None if all(o is None for o in observed) else tuple(
+            s if o is None else o for s, o in zip(state, observed))
+        return decision.replace(state=folded)
 
     def check(policy, state, token):
         out = Outcome.unchanged(token)

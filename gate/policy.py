@@ -60,12 +60,53 @@ present (a deployment file may carry turn-level defaults): all rules are replaye
 rule may not loosen or preempt any existing rule, and an existing rule that a new, stronger rule for the same
 phrase covers is superseded (see `_fold_phrases`).
 
+Authority, evidence, disclosure and escalation (document-level sections; see `policies/bank.yaml`):
+
+    tools:                               # what the model may call (gate/authority.py: the call format)
+      transfer:
+        description: Move money to a payee.
+        parameters:                      # object; every property listed in `required`, written in that order
+          type: object
+          properties:
+            to: {type: string, enum: [savings, landlord]}      # string (optionally an enum)
+            amount: {type: integer, minimum: 1, maximum: 10000} # non-negative integer; or boolean
+          required: [to, amount]
+        quota_argument: amount           # the integer a role's max_total sums per session
+    classification:                      # labels of documents / tool results
+      public: {action: none}
+      confidential: {action: substitute, message: withheld, match_chars: 12}   # or refuse; match_chars optional
+    roles:
+      payments:
+        tools:                           # a list of names, or name -> grant
+          transfer: {max_calls: 3, max_total: 500, arguments: {amount: {maximum: 300}, to: {enum: [savings]}}}
+        data_classes: [public, confidential]   # labels it may have in context (absent: all)
+        clearances: [public]             # labels whose protected spans may be repeated to it
+        limits: {evidence_budget: 20}    # nats its authority adds to the evidence budget
+    principals:
+      bob: {roles: [payments]}           # authority = union of the roles (the looser limits win)
+    evidence:                            # gate/evidence.py
+      base_budget: 16                    # nats per turn without evidence
+      per_evidence_token: 2.0
+      max_budget: 400
+      thresholds: {downgrade: 0.5, clarify: 0.8, refuse: 1.0}   # fractions of the budget, increasing
+    grounding: {figures: true, free_integers_below: 0}          # gate/grounding.py
+    escalation:                          # gate/escalation.py; fires once the counter reaches `at`
+      - {counter: refusals, at: 2, tighten: {budget_scale: 0.5}}
+      - {counter: blocked, at: 3, tighten: {forbid_tools: [transfer]}}
+      - {counter: violations, at: 3, tighten: {refuse_topics: ["wire transfer"]}}
+
+A grant can only narrow a tool's schema (enum subsets, tighter bounds); cross-references (a role's tools, a
+principal's roles, labels, message names) are checked with file, line and key path like everything else.
+These sections cannot be changed by levels (`merge_child` keeps them as they are). Their rules are numbered
+after the phrases and the structure (`_part2_rule_ids`), and each section adds its gate to the chain, in the
+order phrases, structure, authority, escalation, disclosure, grounding, evidence.
+
 Every parse error names the file, the line and the key path:
 
     policies/x.yaml:12: levels.deployment.phrases[2].action: unknown action 'supress' (expected one of ...)
 
 `compile_policy(policy, tokenizer)` numbers every rule globally (phrases in hierarchy order, then the
-structure), compiles the phrase and structure gates that have rules for that tokenizer and chains them
+structure, then the part-2 rules), compiles the gates that have rules for that tokenizer and chains them
 (`null_gate` when there is no rule). The same policy compiles for any tokenizer; compiled policies are
 cached in-process by (policy hash, tokenizer fingerprint, vocabulary width), and `CompiledPolicy.save` /
 `CompiledPolicy.load` (= `load_compiled`) store them as `arrays.npz` + `manifest.json` (no pickle).
@@ -91,7 +132,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from gate.core import Action, Decision, Gate, Outcome, chain
+from gate.core import NO_RULE, Action, Decision, Gate, Outcome, chain
 from gate.normalize import Normalization
 
 __all__ = [
@@ -128,7 +169,8 @@ DEFAULT_MESSAGE_KEY = {"substitute": "redaction", "refuse": "refusal"}
 STRUCTURE_KINDS = ("json_schema", "regex")
 MAX_PHRASE_CHARS = 1024
 
-_TOP_KEYS = ("aqjax_policy", "name", "normalization", "messages", "levels")
+_TOP_KEYS = ("aqjax_policy", "name", "normalization", "messages", "levels", "tools", "roles", "principals",
+             "classification", "evidence", "grounding", "escalation")
 _LEVEL_KEYS = ("phrases", "structure", "messages")
 _PHRASE_KEYS = ("phrase", "action", "message")
 # Keys someone might write to relax a parent's rule; none exists, and the error says why.
@@ -414,6 +456,11 @@ class Policy:
       levels: the levels present, in hierarchy order.
       message_levels: key -> the level that added the message (None: the document's top-level `messages`).
       source: where the document came from (not part of equality or the hash).
+      tools / roles / principals: the authority taxonomy (`tools:`, `roles:`, `principals:`), in file order.
+      labels: the classification labels (`classification:`), in file order.
+      evidence: the evidence budget (`evidence:`), or None.
+      grounding: grounding of figures (`grounding:`), or None.
+      escalation: the escalation rules (`escalation:`), in file order.
     """
 
     name: str
@@ -424,6 +471,14 @@ class Policy:
     levels: tuple[str, ...] = ()
     message_levels: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     source: str = dataclasses.field(default="<string>", compare=False)
+    # Part 2 (document-level; see "Authority, evidence, disclosure and escalation" in the module docstring).
+    tools: tuple[ToolSpec, ...] = ()
+    roles: tuple[RoleSpec, ...] = ()
+    principals: tuple[PrincipalSpec, ...] = ()
+    labels: tuple[LabelSpec, ...] = ()
+    evidence: EvidenceSpec | None = None
+    grounding: GroundingSpec | None = None
+    escalation: tuple[EscalationRule, ...] = ()
 
     __hash__ = None  # mappings inside; use `.hash`
 
@@ -457,6 +512,7 @@ class Policy:
         }
         if levels:
             doc["levels"] = levels
+        doc.update(_part2_to_dict(self))
         return doc
 
     @functools.cached_property
@@ -543,7 +599,7 @@ def _parse_document(root, ctx: _Ctx) -> Policy:
                 if isinstance(body, yaml.ScalarNode) and body.tag == _T_NULL:
                     body = yaml.MappingNode(_T_MAP, [])
                 policy = _add_level(policy, level, body, ("levels", level), ctx)
-    return policy
+    return _parse_part2(policy, fields, ctx)
 
 
 def _messages(ctx: _Ctx, node, path: tuple) -> dict[str, tuple[str, Any]]:
@@ -751,6 +807,615 @@ def _check_schema(ctx: _Ctx, node, path: tuple, schema: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Part 2: authority (tools, roles, principals), classification labels, evidence budget, grounding, escalation.
+# These sections are document-level: levels cannot change them (a lower level cannot grant, and tightening them
+# per level is not supported yet). They are part of `to_dict()` and so of the policy hash.
+
+COUNTERS = ("violations", "refusals", "blocked")
+LABEL_ACTIONS = ("none", "substitute", "refuse")
+THRESHOLDS = ("downgrade", "clarify", "refuse")
+DEFAULT_THRESHOLDS = {"downgrade": 0.5, "clarify": 0.85, "refuse": 1.0}
+MAX_INT_ARG = 10**9 - 1  # integer arguments, quotas and totals: the gate does int32 arithmetic on them
+_TOOL_KEYS = ("description", "parameters", "quota_argument")
+_PARAM_KEYS = ("type", "properties", "required", "additionalProperties", "description")
+_ARG_KEYS = ("type", "enum", "minimum", "maximum", "description")
+_ARG_TYPES = ("string", "integer", "boolean")
+_GRANT_KEYS = ("max_calls", "max_total", "arguments")
+_LIMIT_KEYS = ("enum", "minimum", "maximum")
+_ROLE_KEYS = ("tools", "data_classes", "clearances", "limits")
+_ROLE_LIMIT_KEYS = ("evidence_budget",)
+_PRINCIPAL_KEYS = ("roles",)
+_LABEL_KEYS = ("action", "message", "match_chars")
+_EVIDENCE_KEYS = ("base_budget", "per_evidence_token", "max_budget", "thresholds")
+_GROUNDING_KEYS = ("figures", "free_integers_below")
+_ESCALATION_KEYS = ("counter", "at", "tighten")
+_TIGHTEN_KEYS = ("budget_scale", "forbid_tools", "refuse_topics")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """A tool the model may call (`tools.<name>`).
+
+    Attributes:
+      name: the tool's name (an identifier).
+      description: what the tool does (shown to the model).
+      parameters_json: canonical JSON of its arguments schema: an object whose properties are all required and
+        each a string (optionally an enum), a non-negative integer (optionally with minimum / maximum) or a boolean.
+      quota_argument: the integer argument that roles' `max_total` sums over a session, or None.
+      origin: where it was written (not part of equality or the hash).
+    """
+
+    name: str
+    description: str
+    parameters_json: str
+    quota_argument: str | None = None
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def parameters(self) -> dict:
+        return json.loads(self.parameters_json)
+
+    def arguments(self) -> list[tuple[str, dict]]:
+        """(name, schema) of every argument, in the order the call writes them (that of `required`)."""
+        params = self.parameters
+        return [(a, params["properties"][a]) for a in params["required"]]
+
+    def to_dict(self) -> dict:
+        d = {"description": self.description, "parameters": self.parameters}
+        if self.quota_argument is not None:
+            d["quota_argument"] = self.quota_argument
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolGrant:
+    """A role's grant of one tool (`roles.<role>.tools.<tool>`).
+
+    Attributes:
+      tool: the tool's name.
+      max_calls: calls per session, or None (unlimited).
+      max_total: the sum of the tool's quota argument per session, or None (unlimited).
+      limits_json: canonical JSON {argument: {enum | minimum | maximum}}: the role's narrowing of the schema.
+    """
+
+    tool: str
+    max_calls: int | None = None
+    max_total: int | None = None
+    limits_json: str = "{}"
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def limits(self) -> dict:
+        return json.loads(self.limits_json)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {}
+        if self.max_calls is not None:
+            d["max_calls"] = self.max_calls
+        if self.max_total is not None:
+            d["max_total"] = self.max_total
+        if self.limits:
+            d["arguments"] = self.limits
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleSpec:
+    """A role (`roles.<name>`): the tools it grants, the data classes it may read and the labels it is cleared for.
+
+    Attributes:
+      name: the role's name.
+      tools: its tool grants, in file order.
+      data_classes: labels of documents it may have in its context (None: every label).
+      clearances: labels whose protected spans may be repeated to it.
+      evidence_budget: extra nats of evidence budget its authority adds to every turn.
+    """
+
+    name: str
+    tools: tuple[ToolGrant, ...] = ()
+    data_classes: tuple[str, ...] | None = None
+    clearances: tuple[str, ...] = ()
+    evidence_budget: float = 0.0
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"tools": {g.tool: g.to_dict() for g in self.tools}, "clearances": list(self.clearances)}
+        if self.data_classes is not None:
+            d["data_classes"] = list(self.data_classes)
+        if self.evidence_budget:
+            d["limits"] = {"evidence_budget": self.evidence_budget}
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class PrincipalSpec:
+    """Who may ask (`principals.<name>`) and the roles they hold."""
+
+    name: str
+    roles: tuple[str, ...]
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"roles": list(self.roles)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+    """A classification label (`classification.<name>`).
+
+    Attributes:
+      name: the label.
+      action: what happens when an uncleared principal's output would repeat a protected span: "none" (the
+        label protects nothing), "substitute" (the message replaces the token that would complete the span) or
+        "refuse" (the refusal message ends the turn).
+      message: the message key (default: redaction for substitute, refusal for refuse), None for "none".
+      match_chars: protect a span by its first N normalized characters (0: the whole span).
+    """
+
+    name: str
+    action: str = "none"
+    message: str | None = None
+    match_chars: int = 0
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"action": self.action}
+        if self.message is not None:
+            d["message"] = self.message
+        if self.match_chars:
+            d["match_chars"] = self.match_chars
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class EvidenceSpec:
+    """The evidence budget (`evidence:`): nats of model entropy a turn may spend, and where verdicts escalate.
+
+    budget = min(max_budget, base_budget + per_evidence_token * (evidence tokens in the context) + the roles'
+    evidence_budget) * (the escalation rules' budget_scale). The thresholds are fractions of the budget.
+    """
+
+    base_budget: float
+    per_evidence_token: float = 0.0
+    max_budget: float = 1e9
+    downgrade: float = DEFAULT_THRESHOLDS["downgrade"]
+    clarify: float = DEFAULT_THRESHOLDS["clarify"]
+    refuse: float = DEFAULT_THRESHOLDS["refuse"]
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"base_budget": self.base_budget, "per_evidence_token": self.per_evidence_token,
+                "max_budget": self.max_budget,
+                "thresholds": {"downgrade": self.downgrade, "clarify": self.clarify, "refuse": self.refuse}}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundingSpec:
+    """Grounding of figures (`grounding:`): every number stated must occur in the turn's evidence.
+
+    Attributes:
+      figures: the gate is on.
+      free_integers_below: integers 0 .. N-1 may always be written (list numbering and the like).
+    """
+
+    figures: bool = True
+    free_integers_below: int = 0
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"figures": self.figures, "free_integers_below": self.free_integers_below}
+
+
+@dataclasses.dataclass(frozen=True)
+class EscalationRule:
+    """One escalation rule (`escalation[i]`): once a session counter reaches `at`, tighten from then on.
+
+    Attributes:
+      counter: one of COUNTERS.
+      at: the count at which the rule fires (it stays active for the rest of the session).
+      budget_scale: multiplies the evidence budget (in (0, 1]), or None.
+      forbid_tools: tools no longer callable.
+      refuse_topics: phrases that end a turn with the refusal message.
+    """
+
+    counter: str
+    at: int
+    budget_scale: float | None = None
+    forbid_tools: tuple[str, ...] = ()
+    refuse_topics: tuple[str, ...] = ()
+    origin: Origin | None = dataclasses.field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        t: dict[str, Any] = {}
+        if self.budget_scale is not None:
+            t["budget_scale"] = self.budget_scale
+        if self.forbid_tools:
+            t["forbid_tools"] = list(self.forbid_tools)
+        if self.refuse_topics:
+            t["refuse_topics"] = list(self.refuse_topics)
+        return {"counter": self.counter, "at": self.at, "tighten": t}
+
+    def describe(self) -> str:
+        return f"escalation: {self.counter} >= {self.at} -> {canonical_json(self.to_dict()['tighten'])}"
+
+
+def _part2_to_dict(policy: Policy) -> dict:
+    d: dict[str, Any] = {}
+    if policy.tools:
+        d["tools"] = {t.name: t.to_dict() for t in policy.tools}
+    if policy.roles:
+        d["roles"] = {r.name: r.to_dict() for r in policy.roles}
+    if policy.principals:
+        d["principals"] = {p.name: p.to_dict() for p in policy.principals}
+    if policy.labels:
+        d["classification"] = {lb.name: lb.to_dict() for lb in policy.labels}
+    if policy.evidence is not None:
+        d["evidence"] = policy.evidence.to_dict()
+    if policy.grounding is not None:
+        d["grounding"] = policy.grounding.to_dict()
+    if policy.escalation:
+        d["escalation"] = [e.to_dict() for e in policy.escalation]
+    return d
+
+
+def _int_value(ctx: _Ctx, node, path: tuple, lo: int, hi: int) -> int:
+    if not isinstance(node, yaml.ScalarNode) or node.tag != _T_INT:
+        raise ctx.error(node, path, f"expected an integer, got {_describe(node)}")
+    v = int(_scalar(node))
+    if not lo <= v <= hi:
+        raise ctx.error(node, path, f"{v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _float_value(ctx: _Ctx, node, path: tuple, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    if not isinstance(node, yaml.ScalarNode) or node.tag not in (_T_INT, _T_FLOAT):
+        raise ctx.error(node, path, f"expected a number, got {_describe(node)}")
+    v = float(_scalar(node))
+    if not np.isfinite(v) or v > hi or v < lo or (open_lo and v == lo):
+        bound = f"({lo}, {hi}]" if open_lo else f"[{lo}, {hi}]"
+        raise ctx.error(node, path, f"{_scalar(node)} is out of range {bound}")
+    return v
+
+
+def _ident(ctx: _Ctx, node, path: tuple, what: str) -> str:
+    name = _string(ctx, node, path, what=what)
+    if not _IDENT.fullmatch(name):
+        raise ctx.error(node, path, f"{what} {name!r} must be an identifier (letters, digits, _)")
+    return name
+
+
+def _key_ident(ctx: _Ctx, knode, path: tuple, key: str, what: str) -> str:
+    if not _IDENT.fullmatch(key):
+        raise ctx.error(knode, path + (key,), f"{what} {key!r} must be an identifier (letters, digits, _)")
+    return key
+
+
+def _name_list(ctx: _Ctx, node, path: tuple, known, what: str) -> tuple[str, ...]:
+    """A list of names, each in `known` (a dict name -> anything), without repeats."""
+    if not isinstance(node, yaml.SequenceNode):
+        raise ctx.error(node, path, f"expected a list of {what}s, got {_describe(node)}")
+    out: list[str] = []
+    for i, item in enumerate(node.value):
+        name = _string(ctx, item, path + (i,), what=f"a {what} name")
+        if known is not None and name not in known:
+            have = ", ".join(known) or "none"
+            raise ctx.error(item, path + (i,), f"unknown {what} {name!r} (defined: {have})")
+        if name in out:
+            raise ctx.error(item, path + (i,), f"{what} {name!r} is listed twice")
+        out.append(name)
+    return tuple(out)
+
+
+def _tool_argument(ctx: _Ctx, node, path: tuple) -> dict:
+    fields = _mapping(ctx, node, path)
+    _check_keys(ctx, node, fields, path, _ARG_KEYS)
+    out: dict[str, Any] = {}
+    if "type" in fields:
+        tnode = fields["type"][1]
+        kind = _string(ctx, tnode, path + ("type",), what="a type")
+        if kind not in _ARG_TYPES:
+            hint = " (write amounts as integers, e.g. cents)" if kind == "number" else ""
+            raise ctx.error(tnode, path + ("type",),
+                            f"unsupported argument type {kind!r} (expected one of {', '.join(_ARG_TYPES)}){hint}")
+    elif "enum" in fields:
+        kind = "string"
+    else:
+        raise ctx.error(node, path + ("type",), "required key is missing (or give an enum of strings)")
+    out["type"] = kind
+    if "enum" in fields:
+        enode = fields["enum"][1]
+        if kind != "string":
+            raise ctx.error(enode, path + ("enum",), "enum is supported for string arguments only")
+        values = _name_list(ctx, enode, path + ("enum",), None, "enum value") if isinstance(
+            enode, yaml.SequenceNode) else None
+        if not values:
+            raise ctx.error(enode, path + ("enum",), "expected a non-empty list of strings")
+        for i, v in enumerate(values):
+            if re.search(r'["\\\x00-\x1f]', v):
+                raise ctx.error(enode.value[i], path + ("enum", i), "enum values may not hold quotes, backslashes "
+                                                                    "or control characters")
+        out["enum"] = list(values)
+    for bound in ("minimum", "maximum"):
+        if bound in fields:
+            if kind != "integer":
+                raise ctx.error(fields[bound][1], path + (bound,), f"{bound} is supported for integer arguments only")
+            out[bound] = _int_value(ctx, fields[bound][1], path + (bound,), 0, MAX_INT_ARG)
+    if kind == "integer":
+        out.setdefault("minimum", 0)
+        out.setdefault("maximum", MAX_INT_ARG)
+        if out["minimum"] > out["maximum"]:
+            raise ctx.error(node, path, f"minimum {out['minimum']} exceeds maximum {out['maximum']}")
+    if "description" in fields:
+        out["description"] = _string(ctx, fields["description"][1], path + ("description",), what="a description")
+    return out
+
+
+def _tool_spec(ctx: _Ctx, name: str, node, path: tuple) -> ToolSpec:
+    fields = _mapping(ctx, node, path)
+    _check_keys(ctx, node, fields, path, _TOOL_KEYS, required=("parameters",))
+    description = ""
+    if "description" in fields:
+        description = _string(ctx, fields["description"][1], path + ("description",), what="a description")
+    pnode, ppath = fields["parameters"][1], path + ("parameters",)
+    pfields = _mapping(ctx, pnode, ppath)
+    _check_keys(ctx, pnode, pfields, ppath, _PARAM_KEYS, required=("type",))
+    if _string(ctx, pfields["type"][1], ppath + ("type",), what="a type") != "object":
+        raise ctx.error(pfields["type"][1], ppath + ("type",), "a tool's parameters must be of type 'object'")
+    props: dict[str, dict] = {}
+    if "properties" in pfields:
+        prnode = pfields["properties"][1]
+        for arg, (knode, anode) in _mapping(ctx, prnode, ppath + ("properties",)).items():
+            _key_ident(ctx, knode, ppath + ("properties",), arg, "argument name")
+            props[arg] = _tool_argument(ctx, anode, ppath + ("properties", arg))
+    order = list(props)
+    if "required" in pfields:
+        required = _name_list(ctx, pfields["required"][1], ppath + ("required",), props, "property")
+        missing = [a for a in props if a not in required]
+        if missing:
+            raise ctx.error(pfields["required"][1], ppath + ("required",),
+                            f"optional arguments are not supported: list every property ({', '.join(missing)} "
+                            "missing); the call always writes every argument, in the order of `required`")
+        order = list(required)  # canonical JSON sorts mapping keys; this list keeps the argument order
+    if "additionalProperties" in pfields:
+        anode = pfields["additionalProperties"][1]
+        if not isinstance(anode, yaml.ScalarNode) or anode.tag != _T_BOOL or _scalar(anode) is not False:
+            raise ctx.error(anode, ppath + ("additionalProperties",), "only false is supported")
+    schema: dict[str, Any] = {"type": "object", "properties": props, "required": order,
+                              "additionalProperties": False}
+    if "description" in pfields:
+        schema["description"] = _string(ctx, pfields["description"][1], ppath + ("description",),
+                                        what="a description")
+    quota = None
+    if "quota_argument" in fields:
+        qnode = fields["quota_argument"][1]
+        quota = _string(ctx, qnode, path + ("quota_argument",), what="an argument name")
+        if props.get(quota, {}).get("type") != "integer":
+            raise ctx.error(qnode, path + ("quota_argument",), f"{quota!r} is not an integer argument of {name!r}")
+    return ToolSpec(name, description, canonical_json(schema), quota, ctx.origin(node, path))
+
+
+def _grant(ctx: _Ctx, tool: ToolSpec, node, path: tuple) -> ToolGrant:
+    if isinstance(node, yaml.ScalarNode) and node.tag == _T_NULL:
+        node = yaml.MappingNode(_T_MAP, [])
+    fields = _mapping(ctx, node, path)
+    _check_keys(ctx, node, fields, path, _GRANT_KEYS)
+    max_calls = max_total = None
+    if "max_calls" in fields:
+        max_calls = _int_value(ctx, fields["max_calls"][1], path + ("max_calls",), 0, MAX_INT_ARG)
+    if "max_total" in fields:
+        if tool.quota_argument is None:
+            raise ctx.error(fields["max_total"][1], path + ("max_total",),
+                            f"tool {tool.name!r} has no quota_argument to total")
+        max_total = _int_value(ctx, fields["max_total"][1], path + ("max_total",), 0, MAX_INT_ARG)
+    limits: dict[str, dict] = {}
+    if "arguments" in fields:
+        anode = fields["arguments"][1]
+        args = dict(tool.arguments())
+        for arg, (knode, lnode) in _mapping(ctx, anode, path + ("arguments",)).items():
+            lpath = path + ("arguments", arg)
+            if arg not in args:
+                raise ctx.error(knode, lpath, f"{tool.name!r} has no argument {arg!r} (it has {', '.join(args)})")
+            spec = args[arg]
+            lfields = _mapping(ctx, lnode, lpath)
+            _check_keys(ctx, lnode, lfields, lpath, _LIMIT_KEYS)
+            lim: dict[str, Any] = {}
+            if "enum" in lfields:
+                enode = lfields["enum"][1]
+                if "enum" not in spec:
+                    raise ctx.error(enode, lpath + ("enum",), f"{arg!r} is not an enum argument")
+                values = _name_list(ctx, enode, lpath + ("enum",), dict.fromkeys(spec["enum"]), "enum value")
+                if not values:
+                    raise ctx.error(enode, lpath + ("enum",), "expected a non-empty list")
+                lim["enum"] = list(values)
+            for bound in ("minimum", "maximum"):
+                if bound in lfields:
+                    bnode = lfields[bound][1]
+                    if spec["type"] != "integer":
+                        raise ctx.error(bnode, lpath + (bound,), f"{arg!r} is not an integer argument")
+                    v = _int_value(ctx, bnode, lpath + (bound,), 0, MAX_INT_ARG)
+                    if (bound == "maximum" and v > spec["maximum"]) or (bound == "minimum" and v < spec["minimum"]):
+                        raise ctx.error(bnode, lpath + (bound,), f"a role can only narrow a tool's schema: {v} is "
+                                                                 f"outside the tool's {bound} {spec[bound]}")
+                    lim[bound] = v
+            limits[arg] = lim
+    return ToolGrant(tool.name, max_calls, max_total, canonical_json(limits), ctx.origin(node, path))
+
+
+def _parse_part2(policy: Policy, fields: dict, ctx: _Ctx) -> Policy:
+    """Parses the document-level part-2 sections into `policy` (cross-references checked, in a fixed order)."""
+    tools: dict[str, ToolSpec] = {}
+    if not _absent(fields, "tools"):
+        tnode = fields["tools"][1]
+        for name, (knode, node) in _mapping(ctx, tnode, ("tools",)).items():
+            _key_ident(ctx, knode, ("tools",), name, "tool name")
+            tools[name] = _tool_spec(ctx, name, node, ("tools", name))
+
+    labels: dict[str, LabelSpec] = {}
+    if not _absent(fields, "classification"):
+        cnode = fields["classification"][1]
+        for name, (knode, node) in _mapping(ctx, cnode, ("classification",)).items():
+            path = ("classification", _key_ident(ctx, knode, ("classification",), name, "label"))
+            if isinstance(node, yaml.ScalarNode) and node.tag == _T_NULL:
+                node = yaml.MappingNode(_T_MAP, [])
+            lfields = _mapping(ctx, node, path)
+            _check_keys(ctx, node, lfields, path, _LABEL_KEYS)
+            action = "none"
+            if "action" in lfields:
+                anode = lfields["action"][1]
+                action = _string(ctx, anode, path + ("action",), what="an action")
+                if action not in LABEL_ACTIONS:
+                    raise ctx.error(anode, path + ("action",),
+                                    f"unknown action {action!r} (expected one of {', '.join(LABEL_ACTIONS)})")
+            message = DEFAULT_MESSAGE_KEY.get(action)
+            if "message" in lfields:
+                mnode = lfields["message"][1]
+                if action == "none":
+                    raise ctx.error(mnode, path + ("message",), "action 'none' emits no message")
+                message = _string(ctx, mnode, path + ("message",), what="a message name")
+                if message not in policy.messages:
+                    raise ctx.error(mnode, path + ("message",),
+                                    f"unknown message {message!r} (defined: {', '.join(sorted(policy.messages))})")
+            match_chars = 0
+            if "match_chars" in lfields:
+                match_chars = _int_value(ctx, lfields["match_chars"][1], path + ("match_chars",), 1, 1024)
+            labels[name] = LabelSpec(name, action, message, match_chars, ctx.origin(node, path))
+
+    roles: dict[str, RoleSpec] = {}
+    if not _absent(fields, "roles"):
+        rnode = fields["roles"][1]
+        for name, (knode, node) in _mapping(ctx, rnode, ("roles",)).items():
+            path = ("roles", _key_ident(ctx, knode, ("roles",), name, "role name"))
+            if isinstance(node, yaml.ScalarNode) and node.tag == _T_NULL:
+                node = yaml.MappingNode(_T_MAP, [])
+            rfields = _mapping(ctx, node, path)
+            _check_keys(ctx, node, rfields, path, _ROLE_KEYS)
+            grants: list[ToolGrant] = []
+            if not _absent(rfields, "tools"):
+                gnode = rfields["tools"][1]
+                if isinstance(gnode, yaml.SequenceNode):  # a plain list of tool names: no limits
+                    for tname in _name_list(ctx, gnode, path + ("tools",), tools, "tool"):
+                        grants.append(ToolGrant(tname, origin=ctx.origin(gnode, path + ("tools",))))
+                else:
+                    for tname, (tk, tv) in _mapping(ctx, gnode, path + ("tools",)).items():
+                        if tname not in tools:
+                            have = ", ".join(tools) or "none"
+                            raise ctx.error(tk, path + ("tools", tname), f"unknown tool {tname!r} (defined: {have})")
+                        grants.append(_grant(ctx, tools[tname], tv, path + ("tools", tname)))
+            named: dict[str, tuple[str, ...] | None] = {"data_classes": None, "clearances": None}
+            for key in named:
+                if not _absent(rfields, key):
+                    if not labels:
+                        raise ctx.error(rfields[key][1], path + (key,), "no classification section defines labels")
+                    named[key] = _name_list(ctx, rfields[key][1], path + (key,), labels, "label")
+            data_classes, clearances = named["data_classes"], named["clearances"]
+            budget = 0.0
+            if not _absent(rfields, "limits"):
+                lnode = rfields["limits"][1]
+                lfields = _mapping(ctx, lnode, path + ("limits",))
+                _check_keys(ctx, lnode, lfields, path + ("limits",), _ROLE_LIMIT_KEYS)
+                if "evidence_budget" in lfields:
+                    budget = _float_value(ctx, lfields["evidence_budget"][1], path + ("limits", "evidence_budget"),
+                                          0.0, 1e9)
+            roles[name] = RoleSpec(name, tuple(grants), data_classes, clearances or (), budget,
+                                   ctx.origin(node, path))
+
+    principals: dict[str, PrincipalSpec] = {}
+    if not _absent(fields, "principals"):
+        pnode = fields["principals"][1]
+        for name, (knode, node) in _mapping(ctx, pnode, ("principals",)).items():
+            path = ("principals", name)
+            if not name.strip():
+                raise ctx.error(knode, path, "principal names may not be empty")
+            pfields = _mapping(ctx, node, path)
+            _check_keys(ctx, node, pfields, path, _PRINCIPAL_KEYS, required=("roles",))
+            principals[name] = PrincipalSpec(name, _name_list(ctx, pfields["roles"][1], path + ("roles",), roles,
+                                                              "role"), ctx.origin(node, path))
+    if roles and not principals:
+        raise ctx.error(fields["roles"][1], ("roles",), "roles are defined but no principal holds one "
+                                                        "(add a principals section)")
+
+    evidence = None
+    if not _absent(fields, "evidence"):
+        enode = fields["evidence"][1]
+        efields = _mapping(ctx, enode, ("evidence",))
+        _check_keys(ctx, enode, efields, ("evidence",), _EVIDENCE_KEYS, required=("base_budget",))
+        kw: dict[str, Any] = {"base_budget": _float_value(ctx, efields["base_budget"][1], ("evidence", "base_budget"),
+                                                          0.0, 1e9, open_lo=True)}
+        if "per_evidence_token" in efields:
+            kw["per_evidence_token"] = _float_value(ctx, efields["per_evidence_token"][1],
+                                                    ("evidence", "per_evidence_token"), 0.0, 1e6)
+        if "max_budget" in efields:
+            kw["max_budget"] = _float_value(ctx, efields["max_budget"][1], ("evidence", "max_budget"), 0.0, 1e9,
+                                            open_lo=True)
+        if "thresholds" in efields:
+            tnode = efields["thresholds"][1]
+            tfields = _mapping(ctx, tnode, ("evidence", "thresholds"))
+            _check_keys(ctx, tnode, tfields, ("evidence", "thresholds"), THRESHOLDS)
+            for key, (_, v) in tfields.items():
+                kw[key] = _float_value(ctx, v, ("evidence", "thresholds", key), 0.0, 100.0, open_lo=True)
+        spec = EvidenceSpec(**kw, origin=ctx.origin(enode, ("evidence",)))
+        if not spec.downgrade < spec.clarify < spec.refuse:
+            raise ctx.error(efields.get("thresholds", (None, enode))[1], ("evidence", "thresholds"),
+                            f"thresholds must increase: downgrade {spec.downgrade} < clarify {spec.clarify} < "
+                            f"refuse {spec.refuse}")
+        evidence = spec
+
+    grounding = None
+    if not _absent(fields, "grounding"):
+        gnode = fields["grounding"][1]
+        gfields = _mapping(ctx, gnode, ("grounding",))
+        _check_keys(ctx, gnode, gfields, ("grounding",), _GROUNDING_KEYS)
+        figures = _bool(ctx, gfields["figures"][1], ("grounding", "figures")) if "figures" in gfields else True
+        free = 0
+        if "free_integers_below" in gfields:
+            free = _int_value(ctx, gfields["free_integers_below"][1], ("grounding", "free_integers_below"), 0, 1000)
+        grounding = GroundingSpec(figures, free, ctx.origin(gnode, ("grounding",)))
+
+    escalation: list[EscalationRule] = []
+    if not _absent(fields, "escalation"):
+        enode = fields["escalation"][1]
+        if not isinstance(enode, yaml.SequenceNode):
+            raise ctx.error(enode, ("escalation",), f"expected a list, got {_describe(enode)}")
+        for i, item in enumerate(enode.value):
+            path = ("escalation", i)
+            efields = _mapping(ctx, item, path)
+            _check_keys(ctx, item, efields, path, _ESCALATION_KEYS, required=("counter", "at", "tighten"))
+            cnode = efields["counter"][1]
+            counter = _string(ctx, cnode, path + ("counter",), what="a counter")
+            if counter not in COUNTERS:
+                raise ctx.error(cnode, path + ("counter",),
+                                f"unknown counter {counter!r} (expected one of {', '.join(COUNTERS)})")
+            at = _int_value(ctx, efields["at"][1], path + ("at",), 1, 1_000_000)
+            tnode = efields["tighten"][1]
+            tfields = _mapping(ctx, tnode, path + ("tighten",))
+            _check_keys(ctx, tnode, tfields, path + ("tighten",), _TIGHTEN_KEYS)
+            if not tfields:
+                raise ctx.error(tnode, path + ("tighten",), f"give at least one of {', '.join(_TIGHTEN_KEYS)}")
+            scale = forbid = topics = None
+            if "budget_scale" in tfields:
+                if evidence is None:
+                    raise ctx.error(tfields["budget_scale"][1], path + ("tighten", "budget_scale"),
+                                    "there is no evidence section to scale")
+                scale = _float_value(ctx, tfields["budget_scale"][1], path + ("tighten", "budget_scale"), 0.0, 1.0,
+                                     open_lo=True)
+            if "forbid_tools" in tfields:
+                forbid = _name_list(ctx, tfields["forbid_tools"][1], path + ("tighten", "forbid_tools"), tools, "tool")
+            if "refuse_topics" in tfields:
+                topics = _name_list(ctx, tfields["refuse_topics"][1], path + ("tighten", "refuse_topics"), None,
+                                    "topic")
+                for j, t in enumerate(topics):
+                    if not policy.phrase_key(t):
+                        raise ctx.error(tfields["refuse_topics"][1].value[j], path + ("tighten", "refuse_topics", j),
+                                        f"{t!r} is empty once normalized ({_flags(policy)})")
+            escalation.append(EscalationRule(counter, at, scale, forbid or (), topics or (), ctx.origin(item, path)))
+
+    return dataclasses.replace(policy, tools=tuple(tools.values()), roles=tuple(roles.values()),
+                               principals=tuple(principals.values()), labels=tuple(labels.values()),
+                               evidence=evidence, grounding=grounding, escalation=tuple(escalation))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Loading.
 
 
@@ -859,11 +1524,48 @@ def _gate(kinds: tuple[str, ...], vocab_size: int, eos_id: int) -> Gate:
             from gate.phrases import phrase_gate
 
             gates.append(phrase_gate(vocab_size))
-        else:
+        elif kind == "structure":
             from gate.structure import structure_gate
 
             gates.append(structure_gate(vocab_size, eos_id))
+        else:
+            gates.append(_PART2_GATES[kind](vocab_size))
     return chain(*gates)
+
+
+def _authority_gate(vocab_size):
+    from gate.authority import authority_gate
+
+    return authority_gate(vocab_size)
+
+
+def _escalation_gate(vocab_size):
+    from gate.escalation import escalation_gate
+
+    return escalation_gate(vocab_size)
+
+
+def _disclosure_gate(vocab_size):
+    from gate.disclosure import disclosure_gate
+
+    return disclosure_gate(vocab_size)
+
+
+def _grounding_gate(vocab_size):
+    from gate.grounding import grounding_gate
+
+    return grounding_gate(vocab_size)
+
+
+def _evidence_gate(vocab_size):
+    from gate.evidence import evidence_gate
+
+    return evidence_gate(vocab_size)
+
+
+# Part-2 gates in chain order (after phrases and structure): a forced token of an earlier gate wins.
+_PART2_GATES = {"authority": _authority_gate, "escalation": _escalation_gate, "disclosure": _disclosure_gate,
+                "grounding": _grounding_gate, "evidence": _evidence_gate}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -917,7 +1619,110 @@ def _rules_table(policy: Policy) -> dict[int, RuleInfo]:
     if policy.structure is not None:
         n = len(policy.phrases)
         rules[n] = RuleInfo(n, policy.structure.level, "structure", policy.structure.describe(), "constrain")
-    return rules
+    ids = _part2_rule_ids(policy)
+    doc = "document"
+    for k, t in enumerate(policy.tools if "authority" in ids else ()):
+        # These rules mask the tool's name where it would be chosen, and refuse a turn that requires the tool.
+        rules[ids["authority"][k]] = RuleInfo(ids["authority"][k], doc, "authority",
+                                              f"tool {t.name}: not granted to the principal (or forbidden)", "refuse",
+                                              policy.messages["refusal"])
+        rules[ids["quota"][k]] = RuleInfo(ids["quota"][k], doc, "quota", f"tool {t.name}: session quota spent",
+                                          "refuse", policy.messages["refusal"])
+    if "tool_call" in ids:
+        rules[ids["tool_call"][0]] = RuleInfo(ids["tool_call"][0], doc, "tool_call",
+                                              "tool call: no admissible call / refused at the action boundary",
+                                              "refuse", policy.messages["refusal"])
+    for r, e in zip(ids.get("escalation", ()), policy.escalation, strict=False):
+        rules[r] = RuleInfo(r, doc, "escalation", e.describe(), "refuse" if e.refuse_topics else "tighten",
+                            policy.messages["refusal"] if e.refuse_topics else None)
+    for r, lb in zip(ids.get("disclosure", ()), policy.labels, strict=False):
+        if r != NO_RULE:
+            rules[r] = RuleInfo(r, doc, "disclosure", f"label {lb.name}: protected span (uncleared principal)",
+                                lb.action, policy.messages[lb.message])
+    if "grounding" in ids:
+        rules[ids["grounding"][0]] = RuleInfo(ids["grounding"][0], doc, "grounding",
+                                              "figures must occur in the evidence", "suppress")
+    for r, (name, action, msg) in zip(ids.get("evidence", ()), (("downgrade", "downgrade", None),
+                                                                 ("clarify", "clarify", "clarification"),
+                                                                 ("refuse", "refuse", "refusal")), strict=False):
+        rules[r] = RuleInfo(r, doc, "evidence", f"evidence budget: {name} threshold crossed", action,
+                            None if msg is None else policy.messages[msg])
+    return dict(sorted(rules.items()))
+
+
+def _part2_kinds(policy: Policy) -> tuple[str, ...]:
+    """The part-2 gates a policy needs, in chain order."""
+    kinds = []
+    if policy.tools and policy.principals:
+        kinds.append("authority")
+    if policy.escalation:
+        kinds.append("escalation")
+    if any(lb.action != "none" for lb in policy.labels):
+        kinds.append("disclosure")
+    if policy.grounding is not None and policy.grounding.figures:
+        kinds.append("grounding")
+    if policy.evidence is not None:
+        kinds.append("evidence")
+    return tuple(kinds)
+
+
+def _part2_rule_ids(policy: Policy) -> dict[str, list[int]]:
+    """Global rule ids of the part-2 rules, numbered after the phrases and the structure, in chain order."""
+    n = len(policy.phrases) + (policy.structure is not None)
+    ids: dict[str, list[int]] = {}
+
+    def take(key, count):
+        nonlocal n
+        ids[key] = list(range(n, n + count))
+        n += count
+
+    kinds = _part2_kinds(policy)
+    if "authority" in kinds:
+        take("authority", len(policy.tools))
+        take("quota", len(policy.tools))
+        take("tool_call", 1)
+    if "escalation" in kinds:
+        take("escalation", len(policy.escalation))
+    if "disclosure" in kinds:
+        ids["disclosure"] = []
+        for lb in policy.labels:
+            ids["disclosure"].append(n if lb.action != "none" else NO_RULE)
+            n += lb.action != "none"
+    if "grounding" in kinds:
+        take("grounding", 1)
+    if "evidence" in kinds:
+        take("evidence", 3)
+    return ids
+
+
+def _compile_part2(policy: Policy, tokenizer, V: int) -> tuple[list[str], list]:
+    """Compiles the part-2 gates (kinds, arrays) for a tokenizer."""
+    ids = _part2_rule_ids(policy)
+    kinds, arrays = [], []
+    for kind in _part2_kinds(policy):
+        if kind == "authority":
+            from gate.authority import compile_authority
+
+            arrays.append(compile_authority(policy, tokenizer, vocab_size=V, tool_rules=ids["authority"],
+                                            quota_rules=ids["quota"], call_rule=ids["tool_call"][0]))
+        elif kind == "escalation":
+            from gate.escalation import compile_escalation
+
+            arrays.append(compile_escalation(policy, tokenizer, vocab_size=V, rules=ids["escalation"]))
+        elif kind == "disclosure":
+            from gate.disclosure import compile_disclosure
+
+            arrays.append(compile_disclosure(policy, tokenizer, vocab_size=V, label_rules=ids["disclosure"]))
+        elif kind == "grounding":
+            from gate.grounding import compile_grounding
+
+            arrays.append(compile_grounding(tokenizer, vocab_size=V, rule=ids["grounding"][0]))
+        else:
+            from gate.evidence import compile_evidence
+
+            arrays.append(compile_evidence(policy.evidence, tokenizer, policy.messages, rules=ids["evidence"]))
+        kinds.append(kind)
+    return kinds, arrays
 
 
 _CACHE: collections.OrderedDict[tuple[str, str, int], CompiledPolicy] = collections.OrderedDict()
@@ -981,6 +1786,12 @@ def compile_policy(policy: Policy, tokenizer, *, vocab_size: int | None = None, 
             raise PolicyError(o.source, o.line, o.path, f"cannot compile for this tokenizer: {e}") from e
         arrays.append(compiled)
         kinds.append("structure")
+    try:
+        more_kinds, more_arrays = _compile_part2(policy, tokenizer, V)
+    except (ValueError, KeyError) as e:
+        raise PolicyError(policy.source, None, "", f"cannot compile for this tokenizer: {e}") from e
+    kinds += more_kinds
+    arrays += more_arrays
 
     out = CompiledPolicy(
         policy=policy,

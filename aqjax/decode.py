@@ -72,9 +72,14 @@ class EventLog:
 
     @classmethod
     def empty(cls, batch: int, capacity: int) -> "EventLog":
-        i = jnp.full((batch, capacity), -1, jnp.int32)
-        f = jnp.zeros((batch, capacity), jnp.float32)
-        return cls(step=i, kind=i, token=i, emitted=i, rule=i, verdict=i, entropy=f, mass=f,
+        # a distinct buffer per field: the state is donated, and one buffer must not be donated twice
+        def i():
+            return jnp.full((batch, capacity), -1, jnp.int32)
+
+        def f():
+            return jnp.zeros((batch, capacity), jnp.float32)
+
+        return cls(step=i(), kind=i(), token=i(), emitted=i(), rule=i(), verdict=i(), entropy=f(), mass=f(),
                    n=jnp.zeros((batch,), jnp.int32))
 
 

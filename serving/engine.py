@@ -1,0 +1,835 @@
+"""Continuous batching: a fixed number of slots, one device state, one thread that owns it.
+
+The engine keeps one `aqjax.decode.DecodeState` of B slots (KV cache rows, sampling parameters, gate state,
+output buffers) and, when governed, a table of B per-slot compiled policies (`serving.gating`). Requests join
+and leave that batch between compiled calls; no call ever changes a shape, so nothing recompiles:
+
+* `_insert` (jitted per prompt bucket) prefills one request on its slot's cache row by running
+  `aqjax.decode.start` on a 1-row state, and scatters the row (cache, first token, sampling parameters, gate
+  state, event log) and the slot's policy into the batch.
+* `_prefill_piece` (jitted once) appends a fixed-size piece of a long prompt to its slot's cache row without
+  sampling. A prompt longer than `prefill_chunk` is fed piece by piece, with a decode chunk for the running
+  slots between iterations: a long prompt never stalls the streams already running for more than
+  `prefill_budget` prompt tokens per iteration.
+* `_chunk` (jitted once) runs `aqjax.decode.decode_chunk` over all slots (finished and free slots ride along
+  as done rows) and packs what the host needs into one small array: each slot's new tokens and its flags.
+* `_take_row` reads a finished slot's verdict, events and gate state; `_stop_rows` ends cancelled slots.
+
+Threads and queues:
+
+* Callers (the asyncio server thread) call `submit`, which appends the request to the bounded waiting queue
+  (a deque under the engine's condition variable) or raises `QueueFull` (the server answers 429 with
+  Retry-After) or `Draining` (503). `cancel` (a client went away) marks a request; the engine drops it from
+  the queue or stops its slot at the next iteration, which frees the slot.
+* The engine thread loops: apply cancellations, move waiting requests into free slots, spend at most
+  `prefill_budget` prompt tokens on prefill (whole short prompts, pieces of long ones; no limit while no slot
+  is decoding, as nothing can stall then), run one decode chunk if any slot is decoding, and hand the results
+  out. It sleeps on the condition variable when idle.
+* Results go back through each request's `sink`, a callable the engine calls from its own thread with
+  `Tokens`, `Finished` or `Failed` events; the server's sink forwards them into an asyncio queue with
+  `loop.call_soon_threadsafe`. The engine never blocks on a consumer.
+
+`drain()` stops admission (new submissions raise `Draining`), lets queued and running requests finish, and
+returns when the engine is idle; `stop()` then ends the thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from aqjax import decode as _decode
+from aqjax.cache import KVCache
+from aqjax.engine import EVENT_NAMES, FINISH_NAMES, GateEvent, bucket
+from aqjax.sampling import SamplingConfig, SamplingParams
+from gate.core import keep_rows
+from models.config import LlamaConfig
+from models.llama import forward
+from models.params import Params, pack_params
+from serving import gating
+
+__all__ = ["Draining", "Engine", "EngineConfig", "EngineRequest", "Failed", "Finished", "QueueFull", "SlotResult",
+           "Tokens"]
+
+log = logging.getLogger("aqjax.serving.engine")
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is at capacity; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Draining(RuntimeError):
+    """The engine is draining (shutting down) and takes no new requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static sizes of the batch.
+
+    Attributes:
+      slots: B, requests decoded together.
+      max_len: cache positions per slot (prompt + generated tokens).
+      chunk_steps: decode steps per compiled call (tokens reach clients in chunks of this size).
+      prefill_chunk: the largest prompt piece prefilled in one call (a power of two); longer prompts are split
+        into pieces of this size.
+      prefill_budget: prompt tokens prefilled per engine iteration while streams are running (between two
+        decode chunks); 0 means prefill_chunk.
+      min_prompt_bucket: smallest prompt bucket (prompts are padded to powers of two up to prefill_chunk).
+      max_queue: requests that may wait for a slot; beyond slots + max_queue, `submit` raises QueueFull.
+      min_active_slots: a decode chunk runs over the smallest power-of-two prefix of the slots (at least this
+        many) that holds every decoding slot, so a lightly loaded batch costs less; requests take the lowest
+        free slot. Set it to `slots` to always decode the whole batch (one compiled chunk instead of several).
+      max_stop_ids: per-request stop tokens (padded to this many).
+      governed: run the per-slot gate (False: no gate at all, the baseline for benchmarks).
+    """
+
+    slots: int = 8
+    max_len: int = 1024
+    chunk_steps: int = 8
+    prefill_chunk: int = 256
+    prefill_budget: int = 512
+    min_prompt_bucket: int = 16
+    max_queue: int = 32
+    min_active_slots: int = 8
+    max_stop_ids: int = 8
+    governed: bool = True
+
+    def __post_init__(self):
+        for name in ("slots", "max_len", "chunk_steps", "prefill_chunk", "min_prompt_bucket", "max_stop_ids",
+                     "min_active_slots"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive")
+        if self.prefill_budget < 0:
+            raise ValueError("EngineConfig.prefill_budget must be >= 0")
+        if self.max_queue < 0:
+            raise ValueError("EngineConfig.max_queue must be >= 0")
+        if self.prefill_chunk & (self.prefill_chunk - 1) or self.prefill_chunk < self.min_prompt_bucket:
+            raise ValueError("EngineConfig.prefill_chunk must be a power of two >= min_prompt_bucket")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Events and requests.
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """New tokens of a request (in order; the concatenation of all Tokens events is the output)."""
+
+    tokens: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotResult:
+    """A finished request.
+
+    Attributes:
+      tokens: every generated token (what the Tokens events carried).
+      finish_reason: "stop", "length", "gate" (the gate ended it; see verdict) or "cancelled".
+      prompt_tokens: prompt length.
+      verdict / rule / confidence: the turn's verdict (int), the rule behind it (-1: none), confidence.
+      events: the gate's audit events (steps where it acted).
+      gate_state: the slot's final gate state (numpy, leading axis 1), or None when ungoverned.
+      gate_state_before: the state the turn started from (numpy, leading axis 1), or None.
+      queued_s: seconds from submit to the slot; first_token_s: submit to first token; total_s: submit to end.
+    """
+
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    verdict: int = 0
+    rule: int = -1
+    confidence: float = 1.0
+    events: tuple[GateEvent, ...] = ()
+    gate_state: Any = None
+    gate_state_before: Any = None
+    queued_s: float = 0.0
+    first_token_s: float | None = None
+    total_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    result: SlotResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Tokens | Finished | Failed
+
+
+@dataclasses.dataclass(eq=False)
+class EngineRequest:
+    """One generation request.
+
+    Attributes:
+      prompt: token ids (non-empty).
+      max_new: generated-token limit (prompt + max_new <= max_len).
+      sink: called from the engine thread with each Tokens / Finished / Failed event; must not block.
+      sampling: the sampling settings.
+      stop_ids: stop tokens (None: the engine's defaults).
+      policy: the request's effective policy, or None for an ungated request (on a governed engine its slot's
+        gates are then disabled; an ungoverned engine accepts no policy).
+      phrase_state: the phrase-gate state to start from (numpy `PhraseState` with leading axis 1; a session's
+        saved state), or None for a fresh one.
+    """
+
+    prompt: Sequence[int]
+    max_new: int
+    sink: Callable[[Event], None]
+    sampling: SamplingConfig = SamplingConfig()
+    stop_ids: Sequence[int] | None = None
+    policy: gating.SlotPolicy | None = None
+    phrase_state: Any = None
+    # engine bookkeeping
+    id: int = -1
+    submitted: float = 0.0
+    cancelled: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    req: EngineRequest
+    offset: int = 0  # prompt tokens already in the cache row
+    decoding: bool = False
+    seen: int = 0  # tokens delivered
+    tokens: list = dataclasses.field(default_factory=list)
+    started: float = 0.0
+    first_token: float | None = None
+    state_before: Any = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compiled pieces (module level, so every engine of the same shapes shares the compilations).
+
+
+def _set_row(big, row, slot, axis: int = 0):
+    start = [jnp.zeros((), jnp.int32)] * big.ndim
+    start[axis] = slot
+    return lax.dynamic_update_slice(big, row.astype(big.dtype), start)
+
+
+def _put_rows(big, row, slot):
+    return jax.tree.map(lambda b, r: _set_row(b, r, slot), big, row)
+
+
+def _cache_row(cache: KVCache, slot, length) -> KVCache:
+    return KVCache(k=lax.dynamic_slice_in_dim(cache.k, slot, 1, axis=1),
+                   v=lax.dynamic_slice_in_dim(cache.v, slot, 1, axis=1),
+                   lengths=jnp.reshape(length, (1,)).astype(jnp.int32))
+
+
+def _put_cache_row(cache: KVCache, row: KVCache, slot) -> KVCache:
+    return KVCache(k=_set_row(cache.k, row.k, slot, axis=1), v=_set_row(cache.v, row.v, slot, axis=1),
+                   lengths=_set_row(cache.lengths, row.lengths, slot))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
+def _prefill_piece(params: Params, state: _decode.DecodeState, slot, tokens, offset, *, cfg: LlamaConfig):
+    """Appends tokens [1, T] to the slot's cache row, whose first `offset` positions are already filled."""
+    row = _cache_row(state.cache, slot, offset)
+    _, row = forward(params, tokens, row, cfg=cfg)
+    return state.replace(cache=_put_cache_row(state.cache, row, slot))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gate"), donate_argnames=("state", "table"))
+def _insert(params: Params, state: _decode.DecodeState, table, slot, tokens, n, offset, sampling: SamplingParams,
+            max_new, stop_ids, restore, phrase_state, row_table, *, cfg: LlamaConfig, gate):
+    """Prefills the last (or only) piece of a prompt on `slot`, samples its first token, and installs the row.
+
+    Args:
+      state: the batch (donated); table: the per-slot policy table (donated), None when ungoverned.
+      slot: Int[] the slot; tokens: Int[1, T] the piece (right-padded); n: Int[1] its real length;
+      offset: Int[] prompt tokens of this request already in the slot's cache row (earlier pieces).
+      sampling / max_new / stop_ids: the request's row (leading axis 1).
+      restore: Bool[1] start the phrase gate from `phrase_state` instead of its initial state.
+      row_table: the request's policy entry (leading axis 1), None when ungoverned.
+
+    Returns:
+      (state, table, Int[4] first token or -1, n_out, done, finish).
+    """
+    M = state.out.shape[1]
+    row_cache = _cache_row(state.cache, slot, offset)
+    gate_state = None
+    if gate is not None:
+        phrases, structure = gate.init(row_table, 1)
+        gate_state = (keep_rows(restore, phrase_state, phrases), structure)
+    row = _decode.start(params, tokens, n, row_cache, sampling, max_new, stop_ids, M, gate_state, row_table,
+                        cfg=cfg, gate=gate)
+    fields = {f.name: _put_rows(getattr(state, f.name), getattr(row, f.name), slot)
+              for f in dataclasses.fields(state) if f.name not in ("cache", "step")}
+    state = state.replace(cache=_put_cache_row(state.cache, row.cache, slot), **fields)
+    if table is not None:
+        table = _put_rows(table, row_table, slot)
+    first = jnp.where(row.n_out[0] > 0, row.out[0, 0], -1)
+    return state, table, jnp.stack([first, row.n_out[0], row.done[0].astype(jnp.int32), row.finish[0]]), gate_state
+
+
+def _prefix(state: _decode.DecodeState, rows: int) -> _decode.DecodeState:
+    """The first `rows` slots of the batch (the cache's batch axis is its second)."""
+    fields = {f.name: jax.tree.map(lambda x: x[:rows], getattr(state, f.name))
+              for f in dataclasses.fields(state) if f.name not in ("cache", "step")}
+    c = state.cache
+    return state.replace(cache=KVCache(k=c.k[:, :rows], v=c.v[:, :rows], lengths=c.lengths[:rows]), **fields)
+
+
+def _put_prefix(state: _decode.DecodeState, sub: _decode.DecodeState) -> _decode.DecodeState:
+    zero = jnp.zeros((), jnp.int32)
+    fields = {f.name: _put_rows(getattr(state, f.name), getattr(sub, f.name), zero)
+              for f in dataclasses.fields(state) if f.name not in ("cache", "step")}
+    return state.replace(cache=_put_cache_row(state.cache, sub.cache, zero), step=sub.step, **fields)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gate", "n_steps", "rows"), donate_argnames=("state",))
+def _chunk(params: Params, state: _decode.DecodeState, table, *, cfg: LlamaConfig, gate, n_steps: int, rows: int):
+    """`n_steps` decode steps over the first `rows` slots (every decoding slot is among them; the others are
+    free or still prefilling); returns (state, Int[rows, n_steps + 3]).
+
+    Row b of the packed array: the tokens slot b emitted in this chunk (-1 padded), then n_out, done, finish.
+    Decoding a prefix bucket instead of all B slots makes a lightly loaded batch cheap.
+    """
+    B = state.done.shape[0]
+    sub = _prefix(state, rows) if rows < B else state
+    sub_table = jax.tree.map(lambda x: x[:rows], table) if rows < B and table is not None else table
+    before = sub.n_out
+    sub = _decode.decode_chunk(params, sub, sub_table, cfg=cfg, n_steps=n_steps, gate=gate)
+    M = sub.out.shape[1]
+    idx = before[:, None] + jnp.arange(n_steps, dtype=jnp.int32)[None, :]
+    new = jnp.take_along_axis(sub.out, jnp.minimum(idx, M - 1), axis=1)
+    new = jnp.where(idx < sub.n_out[:, None], new, -1)
+    packed = jnp.concatenate(
+        [new, sub.n_out[:, None], sub.done[:, None].astype(jnp.int32), sub.finish[:, None]], axis=1)
+    return (_put_prefix(state, sub) if rows < B else sub), packed
+
+
+@jax.jit
+def _take_row(state: _decode.DecodeState, slot):
+    """A slot's results: (out, n_out, finish, verdict, rule, confidence, events, gate_state), leading axis 1."""
+
+    def row(x):
+        return lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
+
+    pick = functools.partial(jax.tree.map, row)
+    return (row(state.out), row(state.n_out), row(state.finish), row(state.verdict), row(state.rule),
+            row(state.confidence), pick(state.events), pick(state.gate_state))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _stop_rows(state: _decode.DecodeState, rows):
+    """Ends the rows where `rows` is true (a cancelled request): they stop advancing from the next step."""
+    newly = rows & ~state.done
+    return state.replace(done=state.done | rows, finish=jnp.where(newly, _decode.FINISH_STOP, state.finish))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine.
+
+
+class Engine:
+    """Continuous batching over `config.slots` slots for one model (see the module docstring).
+
+    Args:
+      cfg: the model config.
+      params: canonical params (packed here once), or packed ones with `packed=True`.
+      config: batch sizes.
+      stop_ids: default stop tokens.
+      eos_id: the tokenizer's end-of-sequence id (the structure gate admits it in accepting states).
+      vocab_size: the gate's vocabulary (default: the model's).
+    """
+
+    def __init__(self, cfg: LlamaConfig, params: Params, config: EngineConfig = EngineConfig(), *,
+                 stop_ids: Sequence[int] = (), eos_id: int | None = None, vocab_size: int | None = None,
+                 packed: bool = False):
+        if config.max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len {config.max_len} exceeds the model's context of {cfg.max_seq_len}")
+        self.cfg = cfg
+        self.config = config
+        self.params = params if packed else jax.tree.map(jnp.asarray, pack_params(params, cfg))
+        self.dtype = self.params["embed"].dtype
+        self.stop_ids = tuple(int(i) for i in stop_ids)
+        if len(self.stop_ids) > config.max_stop_ids:
+            raise ValueError(f"{len(self.stop_ids)} default stop ids exceed max_stop_ids={config.max_stop_ids}")
+        self.vocab_size = int(vocab_size or cfg.vocab_size)
+        self.eos_id = int(cfg.eos_id if eos_id is None else eos_id)
+        self.gate = gating.slot_gate(self.vocab_size, self.eos_id) if config.governed else None
+
+        B = config.slots
+        self._env = gating.complete(gating.Envelope(), self.vocab_size)
+        self._table = (jax.tree.map(jnp.asarray, gating.empty_table(self._env, self.vocab_size, B))
+                       if self.gate is not None else None)
+        self._state = self._empty_state()
+        self._row_tables: collections.OrderedDict = collections.OrderedDict()  # (hash, envelope) -> device row
+
+        self._cv = threading.Condition()
+        self._hold = threading.Lock()  # taken by the engine thread around each iteration (see `paused`)
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._slots: list[_Slot | None] = [None] * B
+        self._cancels: set[int] = set()
+        self._ids = itertools.count()
+        self._draining = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        # statistics (read by the metrics collector; ints and floats only, written by the engine thread)
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.completed = 0
+        self.chunks = 0
+        self.recompiles = 0
+        self._rate = 0.0  # tokens/s, exponential moving average over chunks
+        self._avg_latency = 1.0
+
+    def _empty_state(self) -> _decode.DecodeState:
+        """B free slots: every row done, default sampling parameters (so no row asks for a vocabulary sort)."""
+        c, B = self.config, self.config.slots
+        M = c.max_len
+        i32 = functools.partial(jnp.zeros, (B,), jnp.int32)
+        state = _decode.DecodeState(
+            cache=KVCache.init(self.cfg, B, c.max_len, self.dtype),
+            last=i32(), done=jnp.ones((B,), bool), finish=i32(), out=jnp.full((B, M), -1, jnp.int32), n_out=i32(),
+            max_new=i32(), stop_ids=jnp.full((B, c.max_stop_ids), -1, jnp.int32),
+            sampling=SamplingParams.from_configs([SamplingConfig()] * B), step=jnp.zeros((), jnp.int32),
+            verdict=i32(), rule=jnp.full((B,), -1, jnp.int32), confidence=jnp.ones((B,), jnp.float32),
+            gate_state=None if self.gate is None else self.gate.init(self._table, B),
+            events=None if self.gate is None else _decode.EventLog.empty(B, M))
+        # distinct buffers for every leaf (EventLog.empty shares one array between fields): the state is donated
+        return jax.tree.map(jnp.copy, state)
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="aqjax-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stops admission and waits until every queued and running request has finished; True when idle."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self._draining = True
+            self._cv.notify_all()
+            while self._waiting or any(s is not None for s in self._slots):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(timeout=0.1 if left is None else min(left, 0.1))
+        return True
+
+    def stop(self) -> None:
+        """Ends the engine thread; requests still queued or running get a Failed event."""
+        with self._cv:
+            self._stopping = True
+            self._draining = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for req in [*self._waiting, *(s.req for s in self._slots if s is not None)]:
+            _deliver(req, Failed("the server shut down before the request finished"))
+        self._waiting.clear()
+        self._slots = [None] * self.config.slots
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # ---------------------------------------------------------------------------------------------- callers
+
+    def check(self, prompt_len: int, max_new: int) -> None:
+        """Raises ValueError when a request of these sizes cannot fit in a slot."""
+        if prompt_len <= 0:
+            raise ValueError("the prompt is empty")
+        if max_new < 0:
+            raise ValueError("max_new must be >= 0")
+        if prompt_len + max_new > self.config.max_len:
+            raise ValueError(f"{prompt_len} prompt tokens + {max_new} new tokens exceed the context of "
+                             f"{self.config.max_len} tokens")
+
+    def submit(self, req: EngineRequest) -> EngineRequest:
+        """Queues a request (thread-safe). Raises QueueFull, Draining, or ValueError for a request that cannot fit.
+
+        Its events go to `req.sink`.
+        """
+        self.check(len(req.prompt), req.max_new)
+        stops = self.stop_ids if req.stop_ids is None else tuple(req.stop_ids)
+        if len(stops) > self.config.max_stop_ids:
+            raise ValueError(f"at most {self.config.max_stop_ids} stop tokens")
+        if req.policy is not None and self.gate is None:
+            raise ValueError("this engine runs ungoverned; it cannot apply a policy")
+        if any(not 0 <= int(t) < self.cfg.vocab_size for t in req.prompt):
+            raise ValueError("the prompt holds token ids outside the vocabulary")
+        with self._cv:
+            if self._draining:
+                raise Draining("the server is shutting down")
+            if self._error is not None:
+                raise RuntimeError(f"the engine failed: {self._error}")
+            busy = len(self._waiting) + sum(s is not None for s in self._slots)
+            if busy >= self.config.slots + self.config.max_queue:
+                raise QueueFull(self._retry_after_locked())
+            req.id = next(self._ids)
+            req.submitted = time.monotonic()
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req
+
+    def cancel(self, req: EngineRequest) -> None:
+        """Abandons a request (its client went away): it leaves the queue or its slot at the next iteration."""
+        with self._cv:
+            if req.cancelled:
+                return
+            req.cancelled = True
+            self._cancels.add(req.id)
+            self._cv.notify_all()
+
+    def _retry_after_locked(self) -> int:
+        ahead = len(self._waiting) + 1
+        return max(1, math.ceil(self._avg_latency * ahead / self.config.slots))
+
+    # ---------------------------------------------------------------------------------------------- statistics
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self._rate
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    @staticmethod
+    def compile_counts() -> dict[str, int]:
+        """How many programs each compiled piece holds (the same after a warm-up: nothing recompiles)."""
+        return {name: fn._cache_size() for name, fn in
+                (("insert", _insert), ("prefill_piece", _prefill_piece), ("chunk", _chunk), ("take_row", _take_row),
+                 ("stop_rows", _stop_rows))}
+
+    def fit_policy(self, policy: gating.SlotPolicy) -> None:
+        """Grows the policy envelope to hold `policy` now (before `warmup`), instead of at its first request."""
+        self._fit_envelope(policy)
+
+    def reserve(self, *, phrase_factor: int = 2, structure_states: int = 0, structure_edges: int = 0) -> None:
+        """Grows the policy envelope ahead of time (before `warmup`), so that requests adding a few phrases or a
+        small structure to the deployment policy do not recompile: the phrase tables' rule and state axes are
+        multiplied by `phrase_factor`, the structure automaton gets room for the given states and edges."""
+        if self.gate is None:
+            return
+        self._set_envelope(gating.reserve(self._env, self.vocab_size, phrase_factor=phrase_factor,
+                                          structure_states=structure_states, structure_edges=structure_edges))
+
+    def step(self) -> None:
+        """Runs one engine iteration in the caller's thread (tests and embedders that run no engine thread)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine thread is running")
+        self._iteration()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Holds the engine thread between iterations while the block runs (tests, maintenance): requests can
+        still be submitted (and queue up, or get QueueFull), none makes progress."""
+        with self._hold:
+            yield
+
+    def warmup(self, prompt_lengths: Sequence[int] | None = None) -> None:
+        """Compiles every piece for every prompt bucket by running throwaway requests (before `start`)."""
+        if self._thread is not None:
+            raise RuntimeError("warm up before start()")
+        c = self.config
+        if prompt_lengths is None:
+            prompt_lengths, b = [], c.min_prompt_bucket
+            while b <= c.prefill_chunk:
+                prompt_lengths.append(b)
+                b *= 2
+            prompt_lengths.append(c.prefill_chunk + 1)  # a two-piece prompt: compiles the piece function
+        for n in prompt_lengths:
+            n = min(n, c.max_len - 1)
+            self.submit(EngineRequest(prompt=[0] * n, max_new=1, sink=lambda ev: None))
+            while self._waiting or any(s is not None for s in self._slots):
+                self._iteration()
+        # the chunk for every prefix bucket, and the cancellation (every slot is free now: they change nothing)
+        for rows in self._row_buckets():
+            self._state, _ = _chunk(self.params, self._state, self._table, cfg=self.cfg, gate=self.gate,
+                                    n_steps=c.chunk_steps, rows=rows)
+        self._state = _stop_rows(self._state, jnp.zeros((c.slots,), bool))
+        jax.block_until_ready(self._state)
+        self.generated_tokens = self.prompt_tokens = self.completed = self.chunks = 0
+
+    # ---------------------------------------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._waiting or self._cancels or any(s is not None for s in self._slots)):
+                        if self._stopping:
+                            return
+                        self._cv.wait(timeout=0.5)
+                    if self._stopping:
+                        return
+                with self._hold:
+                    self._iteration()
+                with self._cv:
+                    self._cv.notify_all()  # wakes drain()
+        except BaseException as e:  # the device state is unusable now: fail everything, refuse new work
+            log.exception("engine thread failed")
+            with self._cv:
+                self._error = e
+                self._draining = True
+                pending = [*self._waiting, *(s.req for s in self._slots if s is not None)]
+                self._waiting.clear()
+                self._slots = [None] * self.config.slots
+                self._cv.notify_all()
+            for req in pending:
+                _deliver(req, Failed(f"internal engine error: {type(e).__name__}: {e}"))
+
+    def _iteration(self) -> None:
+        self._apply_cancels()
+        self._admit()
+        self._prefill()
+        if any(s is not None and s.decoding for s in self._slots):
+            self._decode()
+
+    def _apply_cancels(self) -> None:
+        with self._cv:
+            cancels, self._cancels = self._cancels, set()
+            if not cancels:
+                return
+            dropped = [r for r in self._waiting if r.id in cancels]
+            self._waiting = collections.deque(r for r in self._waiting if r.id not in cancels)
+        for req in dropped:  # every submitted request gets exactly one final event
+            now = time.monotonic()
+            _deliver(req, Finished(SlotResult(tokens=[], finish_reason="cancelled", prompt_tokens=len(req.prompt),
+                                              queued_s=now - req.submitted, total_s=now - req.submitted)))
+        rows = np.zeros((self.config.slots,), bool)
+        decoding = []
+        for i, s in enumerate(self._slots):
+            if s is not None and s.req.id in cancels:
+                if s.decoding:  # its row has events and a gate state worth reporting: read them once stopped
+                    rows[i] = True
+                    decoding.append(i)
+                else:
+                    self._slots[i] = None
+                    self._finish_cancelled(s)
+        if rows.any():
+            self._state = _stop_rows(self._state, jnp.asarray(rows))
+            for i in decoding:
+                self._finish(i, self._slots[i], reason="cancelled")
+
+    def _finish_cancelled(self, s: _Slot) -> None:
+        now = time.monotonic()
+        _deliver(s.req, Finished(SlotResult(
+            tokens=list(s.tokens), finish_reason="cancelled", prompt_tokens=len(s.req.prompt),
+            gate_state_before=s.state_before, queued_s=s.started - s.req.submitted,
+            first_token_s=None if s.first_token is None else s.first_token - s.req.submitted,
+            total_s=now - s.req.submitted)))
+
+    def _admit(self) -> None:
+        with self._cv:
+            for i in range(self.config.slots):
+                if not self._waiting:
+                    break
+                if self._slots[i] is None:
+                    req = self._waiting.popleft()
+                    self._slots[i] = _Slot(req=req, started=time.monotonic())
+
+    def _prefill(self) -> None:
+        """Spends up to `prefill_budget` prompt tokens (no limit while nothing decodes) on whole short prompts and
+        pieces of long ones, oldest first. The first operation always runs, so prefill never starves.
+        """
+        P = self.config.prefill_chunk
+        budget = self.config.prefill_budget or P
+        if not any(s is not None and s.decoding for s in self._slots):
+            budget = 1 << 62  # nothing to stall
+        waiting = sorted((i for i, s in enumerate(self._slots) if s is not None and not s.decoding),
+                         key=lambda i: self._slots[i].started)
+        first = True
+        for i in waiting:
+            s = self._slots[i]
+            while s.offset < len(s.req.prompt):
+                left = len(s.req.prompt) - s.offset
+                cost = min(left, P)
+                if cost > budget and not first:
+                    return
+                first = False
+                if left > P:
+                    piece = np.asarray(s.req.prompt[s.offset: s.offset + P], np.int32)[None]
+                    self._state = _prefill_piece(self.params, self._state, jnp.int32(i), jnp.asarray(piece),
+                                                 jnp.int32(s.offset), cfg=self.cfg)
+                    s.offset += P
+                else:
+                    self._insert(i, s)
+                budget -= cost
+            if budget <= 0:
+                return
+
+    def _row_table(self, policy: gating.SlotPolicy | None):
+        key = (None if policy is None else policy.policy_hash, self._env.key())
+        hit = self._row_tables.get(key)
+        if hit is None:
+            hit = jax.tree.map(jnp.asarray, gating.row_policy(policy, self._env, self.vocab_size))
+            self._row_tables[key] = hit
+            while len(self._row_tables) > 32:
+                self._row_tables.popitem(last=False)
+        else:
+            self._row_tables.move_to_end(key)
+        return hit
+
+    def _fit_envelope(self, policy: gating.SlotPolicy | None) -> None:
+        if policy is None or self.gate is None:
+            return
+        need = policy.envelope()
+        if not self._env.covers(need):
+            self._set_envelope(self._env.union(need))
+
+    def _set_envelope(self, env: gating.Envelope) -> None:
+        env = gating.complete(env, self.vocab_size)
+        if env == self._env:
+            return
+        self._env = env
+        self._table = gating.grow_table(self._table, self._env, self.vocab_size)
+        self._row_tables.clear()
+        if self._thread is not None:  # serving already: this costs one compilation of every piece
+            self.recompiles += 1
+            log.info("policy tables grew to %s: the decode step recompiles once", self._env)
+        else:
+            log.debug("policy tables sized to %s", self._env)
+
+    def _insert(self, i: int, s: _Slot) -> None:
+        req, c = s.req, self.config
+        left = len(req.prompt) - s.offset
+        T = min(bucket(left, c.min_prompt_bucket), c.prefill_chunk)
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :left] = req.prompt[s.offset:]
+        stops = self.stop_ids if req.stop_ids is None else tuple(req.stop_ids)
+        stop_arr = np.full((1, c.max_stop_ids), -1, np.int32)
+        stop_arr[0, : len(stops)] = stops
+        row_table = restore = phrase_state = None
+        if self.gate is not None:
+            self._fit_envelope(req.policy)
+            row_table = self._row_table(req.policy)
+            restore = np.asarray([req.phrase_state is not None])
+            phrase_state = (gating.initial_phrase_state(1) if req.phrase_state is None
+                            else jax.tree.map(np.asarray, req.phrase_state))
+        self._state, self._table, packed, before = _insert(
+            self.params, self._state, self._table, jnp.int32(i), jnp.asarray(tokens), jnp.asarray([left], jnp.int32),
+            jnp.int32(s.offset), SamplingParams.from_configs([req.sampling]), jnp.asarray([req.max_new], jnp.int32),
+            jnp.asarray(stop_arr), restore, phrase_state, row_table, cfg=self.cfg, gate=self.gate)
+        first, n_out, done, _ = (int(x) for x in np.asarray(packed))
+        s.state_before = None if before is None else jax.tree.map(np.asarray, before)
+        s.offset = len(req.prompt)
+        s.decoding = True
+        self.prompt_tokens += len(req.prompt)
+        now = time.monotonic()
+        if n_out:
+            s.first_token = now
+            self._emit(s, [first])
+        if done:
+            self._finish(i, s)
+
+    def _decode(self) -> None:
+        t0 = time.monotonic()
+        last = max(i for i, s in enumerate(self._slots) if s is not None and s.decoding)
+        self._state, packed = _chunk(self.params, self._state, self._table, cfg=self.cfg, gate=self.gate,
+                                     n_steps=self.config.chunk_steps, rows=self._rows_for(last + 1))
+        packed = np.asarray(packed)
+        n_steps = self.config.chunk_steps
+        now = time.monotonic()
+        produced = 0
+        for i, s in enumerate(self._slots[: packed.shape[0]]):
+            if s is None or not s.decoding:
+                continue
+            new = [int(t) for t in packed[i, :n_steps] if t >= 0]
+            produced += len(new)
+            if new:
+                if s.first_token is None:
+                    s.first_token = now
+                self._emit(s, new)
+            if packed[i, n_steps + 1]:
+                self._finish(i, s)
+        self.chunks += 1
+        dt = max(now - t0, 1e-6)
+        self._rate = 0.8 * self._rate + 0.2 * (produced / dt) if self.chunks > 1 else produced / dt
+
+    def _rows_for(self, n: int) -> int:
+        """The prefix bucket that holds the first n slots: a power of two >= min_active_slots, at most B."""
+        B = self.config.slots
+        return min(B, bucket(n, min(self.config.min_active_slots, B)))
+
+    def _row_buckets(self) -> list[int]:
+        out, n = [], 1
+        while True:
+            r = self._rows_for(n)
+            if not out or r != out[-1]:
+                out.append(r)
+            if r >= self.config.slots:
+                return out
+            n = r + 1
+
+    def _emit(self, s: _Slot, tokens: list[int]) -> None:
+        s.tokens.extend(tokens)
+        s.seen += len(tokens)
+        self.generated_tokens += len(tokens)
+        _deliver(s.req, Tokens(tokens))
+
+    def _finish(self, i: int, s: _Slot, reason: str | None = None) -> None:
+        out, n_out, finish, verdict, rule, conf, ev, gate_state = jax.device_get(
+            _take_row(self._state, jnp.int32(i)))
+        n = int(n_out[0])
+        tokens = [int(t) for t in out[0, :n]]
+        if tokens[: len(s.tokens)] != s.tokens:  # the streamed tokens are the row's output, always
+            raise AssertionError(f"slot {i}: streamed tokens diverge from the output buffer")
+        if len(tokens) > len(s.tokens):
+            self._emit(s, tokens[len(s.tokens):])
+        events = ()
+        if ev is not None:
+            events = tuple(
+                GateEvent(step=int(ev.step[0, j]), kind=EVENT_NAMES[int(ev.kind[0, j])], token=int(ev.token[0, j]),
+                          emitted=int(ev.emitted[0, j]), rule=int(ev.rule[0, j]), verdict=int(ev.verdict[0, j]),
+                          entropy=float(ev.entropy[0, j]), mass=float(ev.mass[0, j]))
+                for j in range(int(ev.n[0])))
+        now = time.monotonic()
+        total = now - s.req.submitted
+        result = SlotResult(
+            tokens=tokens, finish_reason=reason or FINISH_NAMES[int(finish[0])] or "length",
+            prompt_tokens=len(s.req.prompt),
+            verdict=int(verdict[0]), rule=int(rule[0]), confidence=float(conf[0]), events=events,
+            gate_state=gate_state, gate_state_before=s.state_before, queued_s=s.started - s.req.submitted,
+            first_token_s=None if s.first_token is None else s.first_token - s.req.submitted, total_s=total)
+        self._slots[i] = None
+        self.completed += 1
+        self._avg_latency = 0.8 * self._avg_latency + 0.2 * total
+        _deliver(s.req, Finished(result))
+
+
+def _deliver(req: EngineRequest, event: Event) -> None:
+    try:
+        req.sink(event)
+    except Exception:  # a consumer that went away must not take the engine down
+        log.exception("request %s: sink failed", req.id)

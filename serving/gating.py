@@ -1,0 +1,330 @@
+"""Per-slot policies: every slot of the server's running batch is gated by its own compiled policy.
+
+`gate.policy.compile_policy` turns one policy into a `Gate` whose functions take a single policy shared by all
+rows. A server batch mixes requests whose effective policies differ (deployment ∧ principal ∧ session ∧
+request), so the engine runs one fixed chain, the phrase gate then the structure gate, each wrapped by
+`per_row`: the wrapped gate's policy is `(enabled, arrays)` with a leading slot axis on both (one copy of the
+compiled arrays per slot, and a flag saying whether that slot's policy has this kind of rule at all), and its
+four functions are `vmap`ped over the slots. A disabled slot admits every token and keeps its state.
+
+Shapes: every slot's arrays are padded to one `Envelope` (per array field, the largest bucketed shape seen so
+far), so the table has static shapes and slots change policy without recompiling. The engine grows the
+envelope (one recompile) only when a policy exceeds it; compiled shapes are power-of-two buckets, so that is
+rare. Padding keeps the gates' semantics: padded automaton states are unreachable, padded rules never fire,
+padded structure states are dead (no admissible token, no transition).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gate.core import NO_RULE, Action, Decision, Gate, Outcome, Verdict, chain, keep_rows
+from gate.phrases import CompiledPhrases, PhraseState, phrase_gate
+from gate.policy import CompiledPolicy
+from gate.structure import CompiledStructure, structure_gate
+
+__all__ = [
+    "SLOT_KINDS", "Envelope", "SlotPolicy", "UnsupportedPolicy", "complete", "empty_table", "grow_table",
+    "initial_phrase_state", "per_row", "phrase_state_of", "reserve", "row_policy", "slot_gate",
+]
+
+_I32_MAX = np.iinfo(np.int32).max
+
+# Fill values for padded entries (see the module docstring for why each keeps the gate's meaning).
+_PHRASE_FILL = {
+    "goto": 0, "out_rule": -1, "out_suppress": -1, "mask_row": 0, "suppress_bits": 0, "tok_chars": -1,
+    "rule_id": NO_RULE, "rule_action": int(Action.SUPPRESS), "messages": -1, "message_len": 0,
+}
+_STRUCTURE_FILL = {
+    "allowed": 0, "offsets": "edge", "tokens": _I32_MAX, "next_state": "dead", "accepting": False,
+    "initial": None, "rule": None,
+}
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {f.name: tuple(np.shape(getattr(tree, f.name))) for f in dataclasses.fields(tree)}
+
+
+def _max_shapes(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return {k: tuple(max(x, y) for x, y in zip(a[k], b[k], strict=True)) for k in a}
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """The padded shape of every array field of the slot table (None: no policy had this gate yet).
+
+    Attributes:
+      phrases: field name -> shape of one slot's `CompiledPhrases` field.
+      structure: field name -> shape of one slot's `CompiledStructure` field.
+    """
+
+    phrases: dict | None = None
+    structure: dict | None = None
+
+    def union(self, other: Envelope) -> Envelope:
+        return Envelope(_max_shapes(self.phrases, other.phrases), _max_shapes(self.structure, other.structure))
+
+    def covers(self, other: Envelope) -> bool:
+        return self.union(other) == self
+
+    def key(self) -> tuple:
+        def freeze(d):
+            return None if d is None else tuple(sorted(d.items()))
+
+        return freeze(self.phrases), freeze(self.structure)
+
+
+def _minimal_phrases(vocab_size: int) -> CompiledPhrases:
+    """The smallest phrase table (no rules), used as the envelope when no policy has phrases."""
+    w = -(-vocab_size // 32)
+    z = np.zeros
+    return CompiledPhrases(goto=z((1, 1), np.int32), out_rule=z((1,), np.int32), out_suppress=z((1,), np.int32),
+                           mask_row=z((1,), np.int32), suppress_bits=z((1, w), np.uint32),
+                           tok_chars=np.full((vocab_size, 1), -1, np.int32), rule_id=z((1,), np.int32),
+                           rule_action=z((1,), np.int32), messages=z((1, 1), np.int32), message_len=z((1,), np.int32))
+
+
+def _minimal_structure(vocab_size: int) -> CompiledStructure:
+    w = -(-vocab_size // 32)
+    return CompiledStructure(allowed=np.zeros((2, w), np.uint32), offsets=np.zeros((3,), np.int32),
+                             tokens=np.full((2,), _I32_MAX, np.int32), next_state=np.ones((2,), np.int32),
+                             accepting=np.zeros((2,), bool), initial=np.zeros((), np.int32),
+                             rule=np.zeros((), np.int32))
+
+
+# The gate kinds of the slot table, in chain order.
+SLOT_KINDS = ("phrases", "structure")
+
+
+class UnsupportedPolicy(ValueError):
+    """A compiled policy with a gate kind the slot table does not carry."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SlotPolicy:
+    """One request's compiled policy, split by gate kind and copied to the host.
+
+    Attributes:
+      compiled: the `CompiledPolicy` (its rules table names the rule ids the gates report).
+      phrases: its phrase tables (numpy), or None when the policy has no phrase rule.
+      structure: its structure automaton (numpy), or None when the policy sets no structure.
+    """
+
+    compiled: CompiledPolicy
+    phrases: CompiledPhrases | None
+    structure: CompiledStructure | None
+
+    @classmethod
+    def from_compiled(cls, compiled: CompiledPolicy) -> SlotPolicy:
+        """Raises UnsupportedPolicy when the policy needs a gate the slot table does not carry (fail closed:
+        a rule the server cannot enforce must not be silently dropped)."""
+        missing = [k for k in compiled.kinds if k not in SLOT_KINDS]
+        if missing:
+            raise UnsupportedPolicy(f"policy {compiled.policy.name!r} needs the {', '.join(missing)} gate(s), which "
+                                    f"the server's per-slot gate does not carry yet (it has {', '.join(SLOT_KINDS)})")
+        parts = dict(zip(compiled.kinds, compiled.arrays, strict=True))
+        host = functools.partial(jax.tree.map, np.asarray)
+        phrases = parts.get("phrases")
+        structure = parts.get("structure")
+        return cls(compiled, None if phrases is None else host(phrases),
+                   None if structure is None else host(structure))
+
+    @property
+    def policy_hash(self) -> str:
+        return self.compiled.policy_hash
+
+    def envelope(self) -> Envelope:
+        return Envelope(None if self.phrases is None else _shapes(self.phrases),
+                        None if self.structure is None else _shapes(self.structure))
+
+
+def _pad(a: Any, shape: tuple[int, ...], fill, xp, lead: int = 0):
+    """Pads `a` (with `lead` leading slot axes left alone) up to `shape` on the trailing axes."""
+    widths = [(0, 0)] * lead + [(0, t - s) for s, t in zip(a.shape[lead:], shape, strict=True)]
+    if all(w == (0, 0) for w in widths):
+        return a
+    if fill == "edge":
+        return xp.pad(a, widths, mode="edge")
+    return xp.pad(a, widths, constant_values=fill)
+
+
+def _pad_phrases(p: CompiledPhrases, env: dict, xp=np, lead: int = 0) -> CompiledPhrases:
+    return CompiledPhrases(**{k: _pad(getattr(p, k), env[k], _PHRASE_FILL[k], xp, lead) for k in env})
+
+
+def _pad_structure(s: CompiledStructure, env: dict, xp=np, lead: int = 0) -> CompiledStructure:
+    dead = env["allowed"][0] - 1  # the last padded row: all zero, no transitions (see gate.structure)
+    out = {}
+    for k, shape in env.items():
+        fill = _STRUCTURE_FILL[k]
+        if fill is None:
+            out[k] = getattr(s, k)
+        else:
+            out[k] = _pad(getattr(s, k), shape, dead if fill == "dead" else fill, xp, lead)
+    return CompiledStructure(**out)
+
+
+def _complete(env: Envelope, vocab_size: int) -> Envelope:
+    """The envelope with the minimal tables filled in for gates no policy used yet."""
+    return env.union(Envelope(_shapes(_minimal_phrases(vocab_size)), _shapes(_minimal_structure(vocab_size))))
+
+
+def row_policy(policy: SlotPolicy | None, env: Envelope, vocab_size: int):
+    """One slot's entry of the table (leading axis 1, numpy), padded to `env` (complete it first).
+
+    A None policy (or a missing gate kind) gives a disabled entry of minimal tables.
+    """
+    env = _complete(env, vocab_size)
+    phrases = policy.phrases if policy is not None and policy.phrases is not None else None
+    structure = policy.structure if policy is not None and policy.structure is not None else None
+    p = _pad_phrases(phrases if phrases is not None else _minimal_phrases(vocab_size), env.phrases)
+    s = _pad_structure(structure if structure is not None else _minimal_structure(vocab_size), env.structure)
+    one = functools.partial(jax.tree.map, lambda x: np.asarray(x)[None])
+    return ((np.asarray([phrases is not None]), one(p)), (np.asarray([structure is not None]), one(s)))
+
+
+def empty_table(env: Envelope, vocab_size: int, slots: int):
+    """A table of `slots` disabled entries (numpy)."""
+    row = row_policy(None, env, vocab_size)
+    return jax.tree.map(lambda x: np.repeat(x, slots, axis=0), row)
+
+
+def grow_table(table, env: Envelope, vocab_size: int):
+    """The device table padded to a larger envelope (entries keep their meaning)."""
+    env = _complete(env, vocab_size)
+    (pe, pa), (se, sa) = table
+    return ((pe, _pad_phrases(pa, env.phrases, jnp, lead=1)), (se, _pad_structure(sa, env.structure, jnp, lead=1)))
+
+
+def reserve(env: Envelope, vocab_size: int, *, phrase_factor: int = 2, structure_states: int = 0,
+            structure_edges: int = 0) -> Envelope:
+    """`env` grown ahead of time: phrase rule and automaton axes times `phrase_factor`, and room for a structure
+    automaton of the given states and edges (the vocabulary axes never change)."""
+    env = _complete(env, vocab_size)
+    f = max(1, int(phrase_factor))
+    p = dict(env.phrases)
+    for k in ("goto", "out_rule", "out_suppress", "mask_row", "suppress_bits", "rule_id", "rule_action", "messages",
+              "message_len"):
+        p[k] = (p[k][0] * f,) + p[k][1:]
+    s = dict(env.structure)
+    n_states = max(s["allowed"][0], int(structure_states))
+    n_edges = max(s["tokens"][0], int(structure_edges))
+    s.update(allowed=(n_states,) + s["allowed"][1:], offsets=(n_states + 1,), accepting=(n_states,),
+             tokens=(n_edges,), next_state=(n_edges,))
+    return Envelope(p, s)
+
+
+def complete(env: Envelope, vocab_size: int) -> Envelope:
+    """`env` with minimal shapes for the gates that no policy has used yet (what the table actually holds)."""
+    return _complete(env, vocab_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The per-slot gate.
+
+
+def _unsqueeze(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def _squeeze(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def per_row(inner: Gate) -> Gate:
+    """`inner` with a policy per row: policy = (enabled Bool[B], arrays with leading axis B).
+
+    Each function runs `inner` on one row at a time under `vmap`; rows whose `enabled` is False admit every
+    token, never rewrite or stop, and keep their state. When no row is enabled, `inner` is skipped entirely
+    (a `lax.cond`), so a gate kind that no running request uses costs nothing.
+    """
+
+    def init(policy, batch):
+        _, arrays = policy
+        del batch  # the table's leading axis is the batch
+        return jax.vmap(lambda a: _squeeze(inner.init(a, 1)))(arrays)
+
+    def evaluate(policy, state, logits):
+        enabled, arrays = policy
+        B, V = logits.shape
+
+        def run(_):
+            d = jax.vmap(lambda a, s, x: _squeeze(inner.evaluate(a, _unsqueeze(s), x[None])))(arrays, state, logits)
+            return Decision(
+                mask=d.mask | ~enabled[:, None],
+                verdict=jnp.where(enabled, d.verdict, Verdict.ADMIT).astype(jnp.int32),
+                rule=jnp.where(enabled, d.rule, NO_RULE).astype(jnp.int32),
+                confidence=jnp.where(enabled, d.confidence, 1.0).astype(jnp.float32),
+                forced=jnp.where(enabled, d.forced, -1).astype(jnp.int32),
+                stop=d.stop & enabled,
+                block_rule=(None if d.block_rule is None
+                            else jnp.where(enabled, d.block_rule, NO_RULE).astype(jnp.int32)),
+                # a gate that folds what it observed into its state (Decision.state): disabled rows keep theirs
+                **({} if getattr(d, "state", None) is None else {"state": keep_rows(enabled, d.state, state)}),
+            )
+
+        shape = jax.eval_shape(run, None)
+
+        def off(_):
+            d = Decision.admit_all(B, V)
+            d = d.replace(block_rule=None if shape.block_rule is None else jnp.full((B,), NO_RULE, jnp.int32))
+            return d if getattr(shape, "state", None) is None else d.replace(state=state)
+
+        return jax.lax.cond(jnp.any(enabled), run, off, None)
+
+    def check(policy, state, token):
+        enabled, arrays = policy
+
+        def run(_):
+            o = jax.vmap(lambda a, s, t: _squeeze(inner.check(a, _unsqueeze(s), t[None])))(arrays, state, token)
+            return Outcome(
+                token=jnp.where(enabled, o.token, token).astype(jnp.int32),
+                verdict=jnp.where(enabled, o.verdict, Verdict.ADMIT).astype(jnp.int32),
+                rule=jnp.where(enabled, o.rule, NO_RULE).astype(jnp.int32),
+                stop=o.stop & enabled,
+            )
+
+        return jax.lax.cond(jnp.any(enabled), run, lambda _: Outcome.unchanged(token.astype(jnp.int32)), None)
+
+    def advance(policy, state, token, emitted, seen=None):
+        enabled, arrays = policy
+        seen = token if seen is None else seen
+
+        def run(_):
+            new = jax.vmap(lambda a, s, t, e, x: _squeeze(inner.advance(a, _unsqueeze(s), t[None], e[None], x[None])))(
+                arrays, state, token, emitted, seen)
+            return keep_rows(enabled, new, state)
+
+        return jax.lax.cond(jnp.any(enabled), run, lambda _: state, None)
+
+    return Gate(init, evaluate, check, advance)
+
+
+@functools.cache
+def slot_gate(vocab_size: int, eos_id: int) -> Gate:
+    """The engine's gate: per-row phrase gate, then per-row structure gate (cached: one object per vocabulary).
+
+    Its policy is the slot table `((phrases_enabled, CompiledPhrases), (structure_enabled, CompiledStructure))`
+    with a leading slot axis; its state is `(PhraseState, StructureState)` with a leading slot axis.
+    """
+    return chain(per_row(phrase_gate(vocab_size)), per_row(structure_gate(vocab_size, eos_id)))
+
+
+def phrase_state_of(gate_state) -> PhraseState:
+    """The phrase-gate part of a slot-gate state (what a session carries from one turn to the next)."""
+    return gate_state[0]
+
+
+def initial_phrase_state(rows: int = 1) -> PhraseState:
+    """A phrase state at the start of a text (numpy): the automaton's root, no message queued."""
+    return PhraseState(ac=np.zeros((rows,), np.int32), forced_rule=np.full((rows,), -1, np.int32),
+                       forced_pos=np.zeros((rows,), np.int32))
+

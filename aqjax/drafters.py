@@ -1,0 +1,381 @@
+"""Drafters for speculative decoding: pure functions over a carried per-row state, usable inside jit.
+
+A `Drafter` is a NamedTuple of three functions (optax-shaped, like a `gate.core.Gate`) over the drafter's own
+parameters `dparams` (a pytree passed into the compiled loop as an argument, () when there are none) and its
+per-row state (a pytree with leading axis B):
+
+  init(dparams, prompt[B, T], lengths[B], last[B], target_cache) -> state
+      after the target's prefill: the rows' prompts (right-padded), their lengths, the first sampled token
+      (`last`, not yet in any cache) and the target's prefilled cache.
+  propose(dparams, state, last[B], choose, carry, n_draft[B], *, k) -> (Proposal, carry, state)
+      k draft tokens per row that continue the sequence after `last`. Model drafters draw each token through
+      `choose(carry, j, logits[B, Vq], ids) -> (carry, token[B], col[B], q_logp[B, Vq], ok[B])`, supplied by the
+      speculative loop: it applies the gate's mask at draft position j and the row's sampling filters, so the
+      draft distribution q' is gated like the target's. Positions j >= n_draft[b] are not needed (a drafter may
+      skip the work when no row needs them).
+  commit(dparams, state, tokens[B, k + 1], n[B]) -> state
+      the first n[b] of `tokens` followed the old `last` into the output (the last of them is the new `last`);
+      everything else the drafter assumed is rolled back.
+
+Three drafters:
+  * `lookup_drafter`: prompt-lookup decoding. The state is the row's token history (prompt + output) in a
+    buffer; the proposal is the continuation of the most recent earlier occurrence of the longest suffix
+    n-gram (n <= max_ngram). Deterministic: q is one-hot, no model runs.
+  * `self_drafter`: early exit. The target's first n layers, its final norm and its output head, restricted
+    to the first `head_vocab` token ids (BPE ids are roughly ordered by frequency, so the restricted head
+    covers most text while costing a fraction of the full head's memory traffic: the full SmolLM2 head alone
+    is a fifth of a decode step's bytes). No trained weights; its own KV cache of n layers starts as a copy
+    of the target's prefilled one.
+  * `model_drafter`: a small separate Llama (`DraftModel`, e.g. from `scripts/train_draft.py`) sharing the
+    tokenizer and the target's embedding table, with its own vocabulary-subset head and KV cache.
+
+Why a KV cache for the model drafters rather than recomputing a window: on CPU a draft step at batch 1 is
+bound by reading its weights; a cached step reads them once for one token, whereas recomputing a window of W
+tokens per draft token multiplies the attention and MLP work by W with no gain in quality. The cache costs
+one rollback rule (`commit`) and one extra input token after a fully accepted window (the last draft token
+was never fed to the drafter; it is fed as a second token on the next step's first forward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from aqjax.cache import KVCache
+from models.config import LlamaConfig
+from models.llama import forward
+from models.params import Params
+
+
+@struct.dataclass
+class Proposal:
+    """k draft tokens per row with their (gated, filtered) draft distributions.
+
+    Attributes:
+      tokens: Int[B, k] draft tokens.
+      valid: Bool[B, k] positions actually proposed (a position after an invalid one is never accepted).
+      q_logp: Float[B, k, Vq] log q' over the drafter's support, or None for a deterministic drafter (q one-hot).
+      q_col: Int[B, k] column of each draft token in q_logp (None when q_logp is None).
+      q_ids: Int[Vq] token id of each column of q_logp, or None when the columns are the vocabulary itself.
+    """
+
+    tokens: Int[Array, "B K"]
+    valid: Bool[Array, "B K"]
+    q_logp: Float[Array, "B K Vq"] | None = None
+    q_col: Int[Array, "B K"] | None = None
+    q_ids: Int[Array, " Vq"] | None = None
+
+
+Choose = Callable[[Any, int, Float[Array, "B Vq"], Any], tuple]
+
+
+class Drafter(NamedTuple):
+    """A drafter (see the module docstring). Hashable: a static argument of the compiled loop."""
+
+    init: Callable
+    propose: Callable
+    commit: Callable
+    name: str
+    deterministic: bool
+
+
+# ------------------------------------------------------------------------------------------- prompt lookup
+
+
+@struct.dataclass
+class LookupState:
+    """Attributes:
+      buf: Int[B, S] the row's tokens so far (prompt, then every emitted token), -1 beyond `length`.
+      length: Int[B] tokens in `buf` (the last one is the current `last`).
+    """
+
+    buf: Int[Array, "B S"]
+    length: Int[Array, " B"]
+
+
+def _lookup_init(dparams, prompt, lengths, last, target_cache) -> LookupState:
+    del dparams
+    B, T = prompt.shape
+    S = target_cache.max_len
+    cols = jnp.arange(S)[None, :]
+    buf = jnp.full((B, S), -1, jnp.int32).at[:, :T].set(jnp.where(jnp.arange(T)[None] < lengths[:, None], prompt, -1))
+    buf = jnp.where(cols == lengths[:, None], last[:, None], buf)
+    return LookupState(buf=buf, length=lengths + 1)
+
+
+def _lookup_propose(dparams, state: LookupState, last, choose, carry, n_draft, *, k: int, max_ngram: int):
+    del dparams, last, choose, n_draft
+    buf, length = state.buf, state.length
+    B, S = buf.shape
+    pos = jnp.arange(S)[None, :]
+    # run[b, e]: how many tokens ending at e equal the row's suffix ending at length - 1 (capped at max_ngram).
+    run = jnp.zeros((B, S), jnp.int32)
+    alive = jnp.ones((B, S), bool)
+    for m in range(max_ngram):
+        tail = jnp.take_along_axis(buf, jnp.maximum(length - 1 - m, 0)[:, None], axis=1)  # [B, 1]
+        shifted = jnp.pad(buf, ((0, 0), (m, 0)), constant_values=-1)[:, :S]  # shifted[e] = buf[e - m]
+        alive = alive & (shifted == tail) & (pos - m >= 0) & (length[:, None] - 1 - m >= 0)
+        run = run + alive
+    # A candidate needs at least one known token after it (e <= length - 2). Prefer the longest match, then the
+    # most recent one (recent text predicts the next tokens best).
+    cand = (pos <= length[:, None] - 2) & (run > 0)
+    score = jnp.where(cand, run * S + pos, -1)
+    best = jnp.max(score, axis=1)
+    found = best >= 0
+    e = jnp.where(found, best % S, 0)
+    idx = e[:, None] + 1 + jnp.arange(k)[None, :]
+    tokens = jnp.take_along_axis(buf, jnp.minimum(idx, S - 1), axis=1)
+    valid = found[:, None] & (idx <= length[:, None] - 1)
+    return Proposal(tokens=jnp.where(valid, tokens, 0), valid=valid), carry, state
+
+
+def _lookup_commit(dparams, state: LookupState, tokens, n) -> LookupState:
+    del dparams
+    B, S = state.buf.shape
+    K1 = tokens.shape[1]
+    col = state.length[:, None] + jnp.arange(K1)[None, :]
+    col = jnp.where(jnp.arange(K1)[None, :] < n[:, None], col, S)  # S = out of range: dropped
+    buf = state.buf.at[jnp.arange(B)[:, None], col].set(tokens, mode="drop")
+    return LookupState(buf=buf, length=jnp.minimum(state.length + n, S))
+
+
+@functools.cache
+def lookup_drafter(max_ngram: int = 3) -> Drafter:
+    """Prompt-lookup drafter matching suffix n-grams of length up to `max_ngram` (its dparams are ())."""
+    return Drafter(init=_lookup_init, propose=functools.partial(_lookup_propose, max_ngram=max_ngram),
+                   commit=_lookup_commit, name="lookup", deterministic=True)
+
+
+# ---------------------------------------------------------------------------------------------- model drafters
+
+
+@struct.dataclass
+class ModelDraftState:
+    """Attributes:
+      cache: the drafter's KV cache (its own layers); lengths = positions valid for the current sequence.
+      target_len: Int[B] tokens in the target's cache (the sequence before `last`).
+      pending: Int[B] the token at position cache.lengths when the drafter is one token behind the target (after
+        a fully accepted window the last draft token was never fed to it), else 0.
+      has_pending: Bool[B].
+    """
+
+    cache: KVCache
+    target_len: Int[Array, " B"]
+    pending: Int[Array, " B"]
+    has_pending: Bool[Array, " B"]
+
+
+def _model_init(dparams, prompt, lengths, last, target_cache, *, cfg: LlamaConfig, share_prefix: bool):
+    del last
+    B = prompt.shape[0]
+    if share_prefix:
+        # The self drafter's layers are the target's first layers: their prefilled keys/values are identical.
+        L = cfg.n_layers
+        cache = KVCache(k=target_cache.k[:L], v=target_cache.v[:L], lengths=target_cache.lengths)
+    else:
+        cache = KVCache.init(cfg, B, target_cache.max_len, dparams["embed"].dtype)
+        _, cache = forward(dparams["model"] | {"embed": dparams["embed"]}, prompt, cache, cfg=cfg, n_new=lengths)
+    return ModelDraftState(cache=cache, target_len=lengths, pending=jnp.zeros((B,), jnp.int32),
+                           has_pending=jnp.zeros((B,), bool))
+
+
+def _head(dparams, h):
+    return jnp.einsum("BD,DV->BV", h, dparams["head"], preferred_element_type=jnp.float32)
+
+
+def _model_propose(dparams, state: ModelDraftState, last, choose, carry, n_draft, *, k: int, cfg: LlamaConfig):
+    model = dparams["model"] | {"embed": dparams["embed"]}
+    ids = dparams.get("vocab_ids")
+    B = last.shape[0]
+    need = jnp.max(n_draft)
+    Vq = dparams["head"].shape[-1]
+
+    def step(c, j):
+        carry, cache, tok = c
+
+        def run(args):
+            carry, cache, tok = args
+            # Every draft forward takes two tokens (one traced forward for all steps): at step 0 the pending
+            # token (if any) and `last`, ragged; later the previous draft token (the second slot is not kept).
+            first = j == 0
+            two = jnp.where(first, jnp.stack([jnp.where(state.has_pending, state.pending, last), last], axis=1),
+                            jnp.stack([tok, tok], axis=1))
+            n_new = jnp.where(first, 1 + state.has_pending.astype(jnp.int32), 1)
+            h, cache = forward(model, two, cache, cfg=cfg, n_new=n_new)
+            h = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)[:, 0]
+            carry, nxt, col, q_logp, ok = choose(carry, j, _head(dparams, h), ids)
+            return (carry, cache, nxt), (nxt, col, q_logp, ok)
+
+        def skip(args):
+            return args, (args[2], jnp.zeros((B,), jnp.int32), jnp.full((B, Vq), -jnp.inf, jnp.float32),
+                          jnp.zeros((B,), bool))
+
+        # No row needs draft position j (adaptive draft length, token budget): skip the draft model's forward.
+        return jax.lax.cond(j < need, run, skip, (carry, cache, tok))
+
+    (carry, cache, _), (toks, cols, q_logps, oks) = jax.lax.scan(step, (carry, state.cache, last), jnp.arange(k))
+    valid = oks.T & (jnp.arange(k)[None, :] < n_draft[:, None])
+    proposal = Proposal(tokens=toks.T, valid=valid, q_logp=q_logps.transpose(1, 0, 2), q_col=cols.T, q_ids=ids)
+    return proposal, carry, state.replace(cache=cache)
+
+
+def _model_commit(dparams, state: ModelDraftState, tokens, n) -> ModelDraftState:
+    del dparams
+    tl = state.target_len
+    # propose fed the drafter `last` and then its own drafts (fewer than k when steps were skipped): positions
+    # tl .. tl + fed - 1. Those the target kept stay valid; when it kept one more (every fed draft accepted,
+    # plus the next token), the drafter is one token behind and feeds that token first next time.
+    fed = state.cache.lengths - tl
+    before = tl - state.has_pending.astype(jnp.int32)
+    lengths = jnp.where(n > 0, tl + jnp.minimum(n, fed), before)
+    behind = (n > 0) & (n > fed)
+    pending = jnp.take_along_axis(tokens, jnp.clip(fed - 1, 0, tokens.shape[1] - 1)[:, None], axis=1)[:, 0]
+    return ModelDraftState(cache=state.cache.replace(lengths=lengths), target_len=tl + n,
+                           pending=jnp.where(behind, pending, 0), has_pending=behind)
+
+
+@functools.cache
+def model_drafter(cfg: LlamaConfig, *, share_prefix: bool = False, name: str = "draft") -> Drafter:
+    """A drafter running a Llama `cfg` (its layers) with a vocabulary-subset head; dparams from `DraftModel`.
+
+    With `share_prefix` the drafter's layers are the target's first layers and its cache starts as a copy of the
+    target's. Cached: the same arguments give the same Drafter (a static argument of the compiled loop).
+    """
+    return Drafter(
+        init=functools.partial(_model_init, cfg=cfg, share_prefix=share_prefix),
+        propose=functools.partial(_model_propose, cfg=cfg),
+        commit=_model_commit,
+        name=name,
+        deterministic=False,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DraftModel:
+    """A separate small draft model sharing the target's tokenizer and embedding table.
+
+    Attributes:
+      cfg: its config (vocab_size = the target's, d_model = the target's, fewer layers).
+      params: {"layers", "final_norm"} in the packed compute layout (`models.params.pack_params`) and
+        "head": Float[D, Vq] its output head over the token ids `vocab_ids`.
+      vocab_ids: Int[Vq] the token ids the head predicts.
+      meta: training record (time, data, acceptance), as saved by scripts/train_draft.py.
+    """
+
+    cfg: LlamaConfig
+    params: Params
+    vocab_ids: Any
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def dparams(self, target_params: Params) -> Params:
+        """The drafter's dparams: its own weights plus the target's embedding table (shared, not copied)."""
+        return {"model": {"layers": self.params["layers"], "final_norm": self.params["final_norm"]},
+                "head": self.params["head"], "vocab_ids": jnp.asarray(self.vocab_ids, jnp.int32),
+                "embed": target_params["embed"]}
+
+
+def self_draft(target_params: Params, cfg: LlamaConfig, n_layers: int, head_vocab: int | None) -> DraftModel:
+    """The early-exit drafter's weights: the target's first `n_layers` layers, final norm and (a slice of) head.
+
+    The layer slices are copied once here (slicing the stacked weights inside the compiled step would copy
+    them at every draft step). `target_params` are in the packed compute layout.
+    """
+    if not 1 <= n_layers < cfg.n_layers:
+        raise ValueError(f"self-speculation needs 1 <= n_layers < {cfg.n_layers}, got {n_layers}")
+    V = cfg.vocab_size if head_vocab is None else min(int(head_vocab), cfg.vocab_size)
+    ids = np.arange(V, dtype=np.int32)
+    if cfg.tie_embeddings:
+        head = jnp.asarray(target_params["embed"][:V]).T
+    else:
+        head = jnp.asarray(target_params["lm_head"][:, :V])
+    layers = jax.tree.map(lambda x: jnp.array(x[:n_layers]), target_params["layers"])
+    dcfg = dataclasses.replace(cfg, n_layers=n_layers, name=f"{cfg.name}-first{n_layers}")
+    return DraftModel(cfg=dcfg, params={"layers": layers, "final_norm": target_params["final_norm"], "head": head},
+                      vocab_ids=ids, meta={"kind": "self", "n_layers": n_layers, "head_vocab": V})
+
+
+def random_draft(cfg: LlamaConfig, target_params: Params, key: jax.Array, *, n_layers: int = 2,
+                 head_vocab: int | None = None) -> DraftModel:
+    """An untrained draft model (random layers, head rows from the target's embeddings), for tests."""
+    from models.params import init_params, pack_params
+
+    dcfg = dataclasses.replace(cfg, n_layers=n_layers, name=f"{cfg.name}-draft{n_layers}")
+    p = pack_params(init_params(dcfg, key), dcfg)
+    V = cfg.vocab_size if head_vocab is None else min(int(head_vocab), cfg.vocab_size)
+    ids = np.arange(V, dtype=np.int32)
+    head = jnp.asarray(target_params["embed"])[ids].T
+    return DraftModel(cfg=dcfg, params={"layers": p["layers"], "final_norm": p["final_norm"], "head": head},
+                      vocab_ids=ids, meta={"kind": "random"})
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+DRAFT_MANIFEST = "aqjax_draft.json"
+DRAFT_FORMAT = "aqjax-draft-v1"
+
+
+def default_draft_dir(target_cfg: LlamaConfig) -> pathlib.Path:
+    """Where scripts/train_draft.py saves the draft for a target by default: `<aqjax cache>/draft-<name>`."""
+    from models.download import cache_dir
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in target_cfg.name)
+    return cache_dir() / f"draft-{safe}"
+
+
+def save_draft(path, draft: DraftModel, *, target_cfg: LlamaConfig, force: bool = True) -> pathlib.Path:
+    """Saves a DraftModel with orbax (weights) and a JSON manifest (config, vocabulary subset, training record)."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    d = pathlib.Path(path).absolute()
+    if d.exists() and force:
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    tree = {"params": jax.tree.map(np.asarray, draft.params), "vocab_ids": np.asarray(draft.vocab_ids, np.int32)}
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+        ckptr.save(d / "params", args=ocp.args.PyTreeSave(tree))
+    manifest = {"format": DRAFT_FORMAT, "config": draft.cfg.to_dict(), "target": target_cfg.to_dict(),
+                "head_vocab": int(len(draft.vocab_ids)), "meta": draft.meta}
+    (d / DRAFT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return d
+
+
+def load_draft(path, target_cfg: LlamaConfig | None = None) -> DraftModel:
+    """Loads a draft saved by `save_draft`; checks that it was trained for `target_cfg` (when given)."""
+    import orbax.checkpoint as ocp
+
+    d = pathlib.Path(path).absolute()
+    manifest_file = d / DRAFT_MANIFEST
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{d}: no draft model here ({DRAFT_MANIFEST} missing); train one with "
+                                f"`python scripts/train_draft.py --out {d}`")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != DRAFT_FORMAT:
+        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}, expected {DRAFT_FORMAT!r}")
+    cfg = LlamaConfig.from_dict(manifest["config"])
+    if target_cfg is not None:
+        t = manifest.get("target", {})
+        if (t.get("vocab_size"), t.get("d_model")) != (target_cfg.vocab_size, target_cfg.d_model):
+            raise ValueError(f"{d}: draft was trained for a target with vocab {t.get('vocab_size')} and width "
+                             f"{t.get('d_model')}, not {target_cfg.vocab_size} / {target_cfg.d_model}")
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        meta = ckptr.metadata(d / "params")
+        tree_meta = getattr(meta, "item_metadata", meta)
+        tree_meta = getattr(tree_meta, "tree", tree_meta)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta,
+                                    is_leaf=lambda x: hasattr(x, "shape"))
+        tree = ckptr.restore(d / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    params = jax.tree.map(jnp.asarray, tree["params"])
+    return DraftModel(cfg=cfg, params=params, vocab_ids=np.asarray(tree["vocab_ids"], np.int32),
+                      meta=manifest.get("meta", {}))

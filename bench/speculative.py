@@ -1,0 +1,215 @@
+"""Speculative decoding on the default model: tokens/s against plain decoding, per drafter, side by side.
+
+Usage:  python bench/speculative.py [--new 128] [--reps 2] [--batches 1,8] [--drafters lookup,self,draft]
+                                    [--workloads grounded,chat] [--k 4] [--policy policies/default.yaml]
+                                    [--json out.json]
+
+Workloads (greedy, the tokenizer's stop ids, at most --new tokens per row):
+  grounded  extract / summarize from a long given text (bench/decode.py's LONG_TEXT, ~560 prompt tokens);
+            rows of a batch ask different questions about it;
+  chat      open-ended chat questions, one per row.
+Each runs without a policy and under --policy (default: policies/default.yaml, phrase rules: every token is
+gated). For every configuration: plain decoding (`Generator`), then every drafter (`SpeculativeGenerator`),
+each compiled once (warm-up) and timed over --reps runs (median). Only the decode loop is timed (the prefill is
+the same for all). tok/s = tokens generated after the first / loop time. "tok/step" = mean tokens per target
+forward (the mean accepted length plus the bonus token), "accept" = accepted / proposed draft tokens.
+"same" checks that every row's greedy output is identical to plain decoding's (the run fails otherwise).
+
+The draft model comes from `scripts/train_draft.py` (default location); without it the "draft" rows are
+skipped with a note. Timings depend on the machine's load: on a shared machine, compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# Run as `python bench/speculative.py`, this folder comes first on sys.path and its gate.py would shadow the
+# `gate` package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from aqjax import decode  # noqa: E402
+from aqjax import speculative as spec  # noqa: E402
+from aqjax.engine import Generator  # noqa: E402
+from aqjax.sampling import SamplingConfig  # noqa: E402
+
+
+def _long_text() -> str:
+    # bench/decode.py's text, loaded by path (this folder is not importable as a package)
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("_bench_decode", os.path.join(_HERE, "decode.py"))
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module.LONG_TEXT
+
+
+LONG_TEXT = _long_text()
+
+GROUNDED = [
+    "Summarize the following text in a few sentences.",
+    "List every year mentioned in the following text and what happened in it.",
+    "Extract the names of the instruments and buildings described in the following text.",
+    "What did the volunteers do, according to the following text?",
+    "Write a short summary of the following text for a newsletter.",
+    "Which events closed or changed the observatory? Answer from the following text.",
+    "Extract three facts about the archive and the library from the following text.",
+    "Summarize the history of the dome from the following text.",
+]
+CHAT = [
+    "Tell me about the history of Rome.",
+    "What are good habits for learning a new language?",
+    "Explain how a bicycle works.",
+    "Write a short story about a dragon who loves books.",
+    "What should I pack for a week-long hiking trip?",
+    "Why is the sky blue?",
+    "Give me some tips for cooking rice.",
+    "How do airplanes stay in the air?",
+]
+TARGETS = {"grounded": 2.0, "chat": 1.4}  # issue 5, batch 1
+LLAMA_CPP_B1 = 102.0  # ungoverned batch-1 decode on this machine (bench/decode.py PEERS)
+
+
+def _prompts(tok, workload: str, batch: int) -> list[list[int]]:
+    qs = [f"{q}\n\n{LONG_TEXT}" for q in GROUNDED] if workload == "grounded" else CHAT
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": qs[i % len(qs)]}]))
+            for i in range(batch)]
+
+
+def _time_plain(gen, prompts, new, reps, gate, policy):
+    def run():
+        n, state = gen.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state = decode.jit_decode_until_done(gen.params, state, policy, cfg=gen.cfg, gate=gate)
+        jax.block_until_ready(state)
+        return time.perf_counter() - t0, gen.results(state, n, [len(p) for p in prompts])
+
+    run()
+    times, res = zip(*[run() for _ in range(reps)], strict=True)
+    return statistics.median(times), res[-1]
+
+
+def _time_spec(sg, kind, prompts, new, reps, gate, policy, k):
+    def run():
+        n, st, r = sg.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy, speculative=kind,
+                            draft_k=k)
+        jax.block_until_ready(st)
+        dparams = r.pop("dparams")
+        t0 = time.perf_counter()
+        st = spec.jit_spec_until_done(sg.params, dparams, st, policy, **r)
+        jax.block_until_ready(st)
+        return time.perf_counter() - t0, sg.results(st, n, [len(p) for p in prompts]), spec._stats(st, n)
+
+    run()
+    times, res, stats = zip(*[run() for _ in range(reps)], strict=True)
+    return statistics.median(times), res[-1], stats[-1]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--workloads", default="grounded,chat")
+    ap.add_argument("--drafters", default="lookup,self,draft")
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    ap.add_argument("--self-layers", type=int, default=8)
+    ap.add_argument("--draft", default=None, help="draft model dir (default: scripts/train_draft.py's location)")
+    ap.add_argument("--policy", default=os.path.join(os.path.dirname(_HERE), "policies", "default.yaml"))
+    ap.add_argument("--no-policy-runs", action="store_true", help="only the ungoverned runs")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from aqjax.drafters import default_draft_dir, load_draft
+    from gate.policy import compile_policy, load_policy
+    from models.loader import load_model
+
+    m = load_model(args.model)
+    tok = m.tokenizer
+    gen = Generator(m.cfg, m.params, stop_ids=tok.stop_ids)
+    drafters = args.drafters.split(",")
+    notes = []
+    draft = None
+    if "draft" in drafters:
+        path = args.draft or default_draft_dir(m.cfg)
+        try:
+            draft = load_draft(path, m.cfg)
+            meta = draft.meta
+            notes.append(f"draft model: {path} ({draft.cfg.n_layers} layers, head vocabulary "
+                         f"{len(draft.vocab_ids)}, trained in {meta.get('time_total_s', '?')} s, held-out "
+                         f"acceptance {meta.get('eval_acceptance', '?')})")
+        except (FileNotFoundError, ValueError) as e:
+            notes.append(f"draft rows skipped: {e}")
+            drafters.remove("draft")
+    sg = spec.SpeculativeGenerator(gen, draft=draft, self_layers=args.self_layers)
+    policies = [("none", None, None)]
+    if not args.no_policy_runs:
+        compiled = compile_policy(load_policy(args.policy), tok, vocab_size=m.cfg.vocab_size)
+        policies.append((os.path.basename(args.policy), compiled.gate, compiled.arrays))
+
+    rows, mismatches = [], []
+    for workload in args.workloads.split(","):
+        for b in [int(x) for x in args.batches.split(",")]:
+            prompts = _prompts(tok, workload, b)
+            for pname, gate, policy in policies:
+                t_plain, ref = _time_plain(gen, prompts, args.new, args.reps, gate, policy)
+                n_tok = sum(max(len(r.tokens) - 1, 0) for r in ref)
+                base = n_tok / t_plain
+                rows.append(dict(workload=workload, batch=b, policy=pname, method="plain", tok_s=base, x=1.0,
+                                 tok_step=1.0, accept=None, same=True, tokens=n_tok))
+                print(f"  {workload} B={b} {pname}: plain {base:.1f} tok/s", file=sys.stderr, flush=True)
+                for kind in drafters:
+                    t, res, stats = _time_spec(sg, kind, prompts, args.new, args.reps, gate, policy, args.k)
+                    same = [r.tokens for r in res] == [r.tokens for r in ref]
+                    if not same:
+                        mismatches.append((workload, b, pname, kind))
+                    rate = n_tok / t
+                    rows.append(dict(workload=workload, batch=b, policy=pname, method=kind, tok_s=rate,
+                                     x=rate / base, tok_step=stats.tokens_per_step, accept=stats.acceptance,
+                                     same=same, tokens=n_tok))
+                    print(f"  {workload} B={b} {pname}: {kind} {rate:.1f} tok/s", file=sys.stderr, flush=True)
+
+    print(f"\naqjax speculative decoding: {m.cfg.name}, float32, jax {jax.__version__}, "
+          f"{jax.devices()[0].platform}, greedy, <= {args.new} new tokens/row, k = {args.k}, median of {args.reps}\n")
+    head = (f"{'workload':<10}{'B':>3} {'policy':<13}{'method':<8}{'tok/s':>8}{'x plain':>9}{'tok/step':>10}"
+            f"{'accept':>8}{'tokens':>8}  same")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        acc = "-" if r["accept"] is None or np.isnan(r["accept"]) else f"{r['accept']:.2f}"
+        print(f"{r['workload']:<10}{r['batch']:>3} {r['policy']:<13}{r['method']:<8}{r['tok_s']:>8.1f}"
+              f"{r['x']:>9.2f}{r['tok_step']:>10.2f}{acc:>8}{r['tokens']:>8}  {'yes' if r['same'] else 'NO'}")
+    best = {}
+    for r in rows:
+        if r["batch"] == 1 and r["method"] != "plain":
+            key = (r["workload"], r["policy"])
+            best[key] = max(best.get(key, (0, 0, "")), (r["x"], r["tok_s"], r["method"]))
+    print("\nTargets (issue 5, batch 1): >= 2x on grounded, >= 1.4x on chat; llama.cpp ungoverned batch 1: "
+          f"~{LLAMA_CPP_B1:.0f} tok/s.")
+    for (w, p), (x, rate, kind) in sorted(best.items()):
+        goal = TARGETS.get(w)
+        print(f"  best at B=1: {w:<9} {p:<13} {kind:<7} {x:.2f}x ({rate:.1f} tok/s)"
+              + (f"  target {goal}x: {'met' if x >= goal else 'not met'}" if goal else ""))
+    for n in notes:
+        print("Note:", n)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "notes": notes}, f, indent=1)
+    if mismatches:
+        print(f"\nGREEDY OUTPUT DIFFERS from plain decoding in {mismatches}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

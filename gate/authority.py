@@ -1,7 +1,9 @@
 """The authority gate: a principal's authority compiled into the tool-call grammar, with quotas in the state.
 
-**Format.** SmolLM2's chat template has no tool convention, so aqjax uses the common fallback (Hermes, Qwen,
-SmolLM2-1.7B): the assistant's whole reply is one call,
+**Format.** The call is written as in the Hermes / Qwen / SmolLM2-1.7B convention; a chat template that knows
+tools gets the principal's granted tools as specs (`tool_specs`), and SmolLM2-135M's template, which has no tool
+convention, gets them described in the system prompt (`tool_prompt`, the documented fallback). The assistant's
+whole reply is one call,
 
     <tool_call>{"name": "transfer", "arguments": {"to": "savings", "amount": 120}}</tool_call>
 
@@ -76,6 +78,7 @@ __all__ = [
     "parse_call",
     "record_call",
     "tool_prompt",
+    "tool_specs",
 ]
 
 NONE, AUTO, REQUIRED = 0, 1, 2  # tool modes
@@ -177,6 +180,21 @@ def call_regex(tools: list[tuple[str, list[tuple[str, dict]]]]) -> str:
         body = f",{ws}".join(f'"{_rx(a)}":{ws}{_value_regex(s)}' for a, s in args)
         branches.append(rf'\{{"name":{ws}"{_rx(name)}",{ws}"arguments":{ws}\{{{body}\}}\}}')
     return _rx(CALL_OPEN) + "(?:" + "|".join(branches) + ")" + _rx(CALL_CLOSE)
+
+
+def tool_specs(policy, principal: str, *, only: str | None = None) -> list[dict]:
+    """The principal's granted tools as chat-template tool specs ({"type": "function", "function": {...}}), with
+    each argument's schema narrowed to the principal's grant."""
+    tools = {t.name: t for t in policy.tools}
+    out = []
+    for name, grant in effective_authority(policy, principal).items():
+        if only is not None and name != only:
+            continue
+        params = tools[name].parameters
+        props = {a: {**params["properties"][a], **grant.limits[a]} for a in params["required"]}
+        out.append({"type": "function", "function": {"name": name, "description": tools[name].description,
+                                                     "parameters": {**params, "properties": props}}})
+    return out
 
 
 def tool_prompt(policy, principal: str, *, only: str | None = None) -> str:

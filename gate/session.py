@@ -13,7 +13,9 @@ escalation levels share one compiled loop. Per row, a turn is:
    turn. With "refuse" the turn raises `PolicyChanged`; a callable `migrate(record, compiled) -> SessionRecord`
    is used instead when given.
 2. **Context**: documents whose label the principal's roles may not read (`data_classes`) are withheld (a note
-   in the reply and the audit). The protected spans of labeled documents join the session's protected set
+   in the reply). Tools: a chat template with a tool convention renders the principal's granted tools itself
+   (`authority.tool_specs`); otherwise (SmolLM2) the system prompt describes them and the call format
+   (`authority.tool_prompt`). The protected spans of labeled documents join the session's protected set
    (`gate.disclosure`); they stay protected in later turns though the document is gone from the prompt.
 3. **Gate state for the turn**, per gate: phrases carry over; structure starts afresh; authority gets the
    principal, the tool mode (`tool_choice`) and the tools escalation forbids, its quotas carry over;
@@ -317,17 +319,21 @@ class Governor:
 
     def _prompt(self, row: _Row, docs: list[Document]) -> list[int]:
         req = row.req
-        system = self.system
+        system, extra = self.system, {}
         if req.tool_choice != "none" and self.tools:
             only = req.tool_choice if req.tool_choice not in ("auto", "required") else None
-            system += "\n\n" + A.tool_prompt(self.policy, req.principal, only=only)
+            if "tools" in (getattr(self.tok, "chat_template", None) or ""):
+                # the model's own convention: its template renders the (granted) tools
+                extra["tools"] = A.tool_specs(self.policy, req.principal, only=only)
+            else:  # the documented fallback (SmolLM2's template has no tools)
+                system += "\n\n" + A.tool_prompt(self.policy, req.principal, only=only)
         content = req.message
         if docs:
             blocks = [f"[{d.kind} {i + 1} ({d.label})]\n{d.text}" for i, d in enumerate(docs)]
             content = "\n\n".join(blocks) + "\n\n" + req.message
         messages = [{"role": "system", "content": system}, *row.facts["history"],
                     {"role": "user", "content": content}]
-        return self.tok.encode(self.tok.apply_chat_template(messages, add_generation_prompt=True))
+        return self.tok.encode(self.tok.apply_chat_template(messages, add_generation_prompt=True, **extra))
 
     def _mode(self, req: Request) -> tuple[int, int]:
         choice = req.tool_choice

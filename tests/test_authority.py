@@ -190,6 +190,10 @@ def test_call_regex_and_tool_prompt():
     prompt = A.tool_prompt(load_policy(BANK), "alice")
     assert "get_balance" in prompt and "transfer" not in prompt.split("Tools:")[1]
     assert "amount: integer 1..300" in A.tool_prompt(load_policy(BANK), "bob")
+    (spec,) = A.tool_specs(load_policy(BANK), "bob", only="transfer")
+    assert spec["function"]["name"] == "transfer"
+    assert spec["function"]["parameters"]["properties"]["amount"]["maximum"] == 300  # narrowed to the grant
+    assert [s["function"]["name"] for s in A.tool_specs(load_policy(BANK), "alice")] == ["get_balance"]
 
 
 def test_compiled_tables():

@@ -10,7 +10,8 @@ Public API (see each module's docstring):
   gate.authority, gate.evidence, gate.grounding, gate.disclosure, gate.escalation
                   part 2: tool-call authority and quotas, entropy budget, grounded figures, confidential spans,
                   escalation on session history
-  gate.store, gate.session  persistent per-(principal, session) state; the multi-turn driver (Governor)
+  gate.store, gate.session  persistent per-(principal, session) state; the multi-turn driver (Governor; import
+                  it from gate.session: it needs aqjax, which itself imports gate.core)
 """
 
 from gate.core import ACTION_VERDICT, NO_RULE, NO_TOKEN, Action, Decision, Gate, Outcome, Verdict, chain, merge_decisions
@@ -23,7 +24,6 @@ from gate.disclosure import disclosure_gate
 from gate.escalation import escalation_gate
 from gate.evidence import evidence_gate
 from gate.grounding import grounding_gate
-from gate.session import Document, Governor, Reply, Request
 from gate.store import FileStore, SQLiteStore
 
 __all__ = [
@@ -32,5 +32,5 @@ __all__ = [
     "StructureError", "Verdict", "chain", "compile_json_schema", "compile_phrases", "compile_policy", "compile_regex",
     "contains_banned", "load_compiled", "load_policy", "merge_decisions", "parse_policy", "phrase_gate",
     "structure_gate", "authority_gate", "disclosure_gate", "escalation_gate", "evidence_gate", "grounding_gate",
-    "Document", "Governor", "Reply", "Request", "FileStore", "SQLiteStore",
+    "FileStore", "SQLiteStore",
 ]

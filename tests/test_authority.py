@@ -311,7 +311,7 @@ def test_quotas_never_exceeded_and_unauthorized_tools_never_appear(seq):
     for choice, seed in seq:
         named = -1 if choice == "any" else names.index(choice)
         state = A.begin_turn(pol, state, principal=[0, 1, 2], mode=A.REQUIRED, named=named)
-        toks, state, verdict, _ = rollout(gate, pol, state, jax.random.key(seed), steps=80)
+        toks, state, verdict, _ = rollout(gate, pol, state, jax.random.key(seed), steps=128)  # a call is up to ~90 single-character tokens
         for b, (p, text) in enumerate(zip(principals, texts(toy(), toks), strict=True)):
             used = {t: sum(1 for n, _ in ledger[p] if n == t) for t in names}
             total = {t: sum(a for n, a in ledger[p] if n == t) for t in names}
@@ -347,7 +347,7 @@ def test_total_quota_shrinks_the_ceiling_over_many_calls():
     total = np.zeros(3, int)
     for seed in range(12):
         state = A.begin_turn(pol, state, principal=BOB, mode=A.REQUIRED, named=TRANSFER)
-        toks, state, verdict, _ = rollout(gate, pol, state, jax.random.key(seed), steps=80)
+        toks, state, verdict, _ = rollout(gate, pol, state, jax.random.key(seed), steps=128)
         for b, text in enumerate(texts(toy(), toks)):
             if bool(state.boundary[b]):
                 amount = A.parse_call(text).arguments["amount"]

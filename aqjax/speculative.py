@@ -598,12 +598,12 @@ class SpeculativeGenerator:
     ) -> Iterator[tuple[list[list[int]], Any]]:
         """As `Generator.stream`: yields (new tokens per row, DecodeState) after the prefill and every chunk of
         `chunk_size` speculative steps."""
-        n, st, run = self.start(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
-                                gate_state=gate_state, speculative=speculative, draft_k=draft_k)
-        if run is None:
+        if _check_kind(speculative or self.speculative) == "none":
             yield from self.gen.stream(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
                                        gate_state=gate_state, chunk_size=chunk_size)
             return
+        n, st, run = self.start(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
+                                gate_state=gate_state, speculative=speculative, draft_k=draft_k)
         dparams = run.pop("dparams")
         chunk = chunk_size or self.chunk_size
         seen = [0] * n

@@ -10,8 +10,9 @@ Workloads (greedy, the tokenizer's stop ids, at most --new tokens per row):
   chat      open-ended chat questions, one per row.
 Each runs without a policy and under --policy (default: policies/default.yaml, phrase rules: every token is
 gated). For every configuration: plain decoding (`Generator`), then every drafter (`SpeculativeGenerator`),
-each compiled once (warm-up) and timed over --reps runs (median). Only the decode loop is timed (the prefill is
-the same for all). tok/s = tokens generated after the first / loop time. "tok/step" = mean tokens per target
+each compiled once (warm-up), then --reps timed runs interleaved across the methods (median; interleaving
+keeps load changes on a shared machine from favouring one method). Only the decode loop is timed (the prefill
+is the same for all). tok/s = tokens generated after the first / loop time. "tok/step" = mean tokens per target
 forward (the mean accepted length plus the bonus token), "accept" = accepted / proposed draft tokens.
 "same" checks that every row's greedy output is identical to plain decoding's (the run fails otherwise).
 
@@ -84,21 +85,19 @@ def _prompts(tok, workload: str, batch: int) -> list[list[int]]:
             for i in range(batch)]
 
 
-def _time_plain(gen, prompts, new, reps, gate, policy):
+def _plain_runner(gen, prompts, new, gate, policy):
     def run():
         n, state = gen.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy)
         jax.block_until_ready(state)
         t0 = time.perf_counter()
         state = decode.jit_decode_until_done(gen.params, state, policy, cfg=gen.cfg, gate=gate)
         jax.block_until_ready(state)
-        return time.perf_counter() - t0, gen.results(state, n, [len(p) for p in prompts])
+        return time.perf_counter() - t0, gen.results(state, n, [len(p) for p in prompts]), None
 
-    run()
-    times, res = zip(*[run() for _ in range(reps)], strict=True)
-    return statistics.median(times), res[-1]
+    return run
 
 
-def _time_spec(sg, kind, prompts, new, reps, gate, policy, k):
+def _spec_runner(sg, kind, prompts, new, gate, policy, k):
     def run():
         n, st, r = sg.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy, speculative=kind,
                             draft_k=k)
@@ -109,9 +108,20 @@ def _time_spec(sg, kind, prompts, new, reps, gate, policy, k):
         jax.block_until_ready(st)
         return time.perf_counter() - t0, sg.results(st, n, [len(p) for p in prompts]), spec._stats(st, n)
 
-    run()
-    times, res, stats = zip(*[run() for _ in range(reps)], strict=True)
-    return statistics.median(times), res[-1], stats[-1]
+    return run
+
+
+def _measure(runners: dict, reps: int) -> dict:
+    """Median loop time per method. The timed repetitions are interleaved (plain, lookup, ..., plain, lookup,
+    ...) after one compile/warm-up run each, so a change in the machine's load hits every method alike."""
+    out = {name: run() for name, run in runners.items()}  # compile + warm up
+    times = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            t, res, stats = run()
+            times[name].append(t)
+            out[name] = (t, res, stats)
+    return {name: (statistics.median(times[name]),) + out[name][1:] for name in runners}
 
 
 def main(argv=None):
@@ -162,22 +172,22 @@ def main(argv=None):
         for b in [int(x) for x in args.batches.split(",")]:
             prompts = _prompts(tok, workload, b)
             for pname, gate, policy in policies:
-                t_plain, ref = _time_plain(gen, prompts, args.new, args.reps, gate, policy)
-                n_tok = sum(max(len(r.tokens) - 1, 0) for r in ref)
-                base = n_tok / t_plain
-                rows.append(dict(workload=workload, batch=b, policy=pname, method="plain", tok_s=base, x=1.0,
-                                 tok_step=1.0, accept=None, same=True, tokens=n_tok))
-                print(f"  {workload} B={b} {pname}: plain {base:.1f} tok/s", file=sys.stderr, flush=True)
+                runners = {"plain": _plain_runner(gen, prompts, args.new, gate, policy)}
                 for kind in drafters:
-                    t, res, stats = _time_spec(sg, kind, prompts, args.new, args.reps, gate, policy, args.k)
+                    runners[kind] = _spec_runner(sg, kind, prompts, args.new, gate, policy, args.k)
+                measured = _measure(runners, args.reps)
+                t_plain, ref, _ = measured["plain"]
+                n_tok = sum(max(len(r.tokens) - 1, 0) for r in ref)
+                for name, (t, res, stats) in measured.items():
                     same = [r.tokens for r in res] == [r.tokens for r in ref]
                     if not same:
-                        mismatches.append((workload, b, pname, kind))
-                    rate = n_tok / t
-                    rows.append(dict(workload=workload, batch=b, policy=pname, method=kind, tok_s=rate,
-                                     x=rate / base, tok_step=stats.tokens_per_step, accept=stats.acceptance,
-                                     same=same, tokens=n_tok))
-                    print(f"  {workload} B={b} {pname}: {kind} {rate:.1f} tok/s", file=sys.stderr, flush=True)
+                        mismatches.append((workload, b, pname, name))
+                    rows.append(dict(workload=workload, batch=b, policy=pname, method=name, tok_s=n_tok / t,
+                                     x=t_plain / t,
+                                     tok_step=1.0 if stats is None else stats.tokens_per_step,
+                                     accept=None if stats is None else stats.acceptance, same=same, tokens=n_tok))
+                    print(f"  {workload} B={b} {pname}: {name} {n_tok / t:.1f} tok/s ({t_plain / t:.2f}x)",
+                          file=sys.stderr, flush=True)
 
     print(f"\naqjax speculative decoding: {m.cfg.name}, float32, jax {jax.__version__}, "
           f"{jax.devices()[0].platform}, greedy, <= {args.new} new tokens/row, k = {args.k}, median of {args.reps}\n")

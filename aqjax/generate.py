@@ -5,6 +5,12 @@ Examples:
   python -m aqjax.generate --temperature 0.7 --top-p 0.9 --seed 1 --max-tokens 200 "Write a haiku."
   python -m aqjax.generate --model ./smollm2-orbax --system "Answer tersely." "What is RoPE?"
   python -m aqjax.generate --policy policies/default.yaml --audit --audit-log audit.jsonl "Tell me a secret."
+  python -m aqjax.generate --speculative lookup --draft-k 6 "Summarize: ..."   # same greedy tokens, faster
+
+Speculative decoding (`--speculative`): "lookup" drafts from n-gram matches in the prompt and the answer so far
+(best when the answer copies its input), "self" from the target's first layers, "draft" from a small draft model
+trained by `scripts/train_draft.py` (`--draft DIR`, default the cache folder that script writes). Output follows
+the same (gated) distribution as without it; greedy output is token for token the same.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 
 from aqjax.engine import Generator, RequestError
 from aqjax.sampling import SamplingConfig, SamplingError
+from aqjax.speculative import MAX_DRAFT_K, SPECULATIVE_KINDS, speculative_generator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, help="govern generation with this policy file (YAML)")
     p.add_argument("--audit", action="store_true", help="print the turn's audit record to stderr (with --policy)")
     p.add_argument("--audit-log", default=None, help="append the audit record to this hash-chained JSONL file")
+    p.add_argument("--speculative", default="none", choices=SPECULATIVE_KINDS,
+                   help="speculative decoding drafter (default: none)")
+    p.add_argument("--draft-k", type=int, default=4, help=f"draft tokens per speculative step (1..{MAX_DRAFT_K})")
+    p.add_argument("--draft", default=None, help="draft model folder for --speculative draft")
     return p
 
 
@@ -46,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.max_tokens < 0:
         print("error: --max-tokens must be >= 0", file=sys.stderr)
+        return 2
+    if not 1 <= args.draft_k <= MAX_DRAFT_K:
+        print(f"error: --draft-k must be in [1, {MAX_DRAFT_K}], got {args.draft_k}", file=sys.stderr)
+        return 2
+    if (args.audit or args.audit_log) and not args.policy:
+        print("error: --audit and --audit-log need --policy", file=sys.stderr)
+        return 2
+    if args.draft and args.speculative != "draft":
+        print("error: --draft needs --speculative draft", file=sys.stderr)
         return 2
 
     from models.errors import ModelFileError
@@ -67,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     gen = Generator(model.cfg, model.params, stop_ids=tok.stop_ids, chunk_size=args.chunk)
+    try:
+        gen = speculative_generator(gen, args.speculative, args.draft_k,
+                                    **({"draft": args.draft} if args.draft else {}))
+        if args.speculative in ("self", "draft"):
+            gen.draft_model(args.speculative)  # a missing or mismatched draft fails here, before any output
+    except (RequestError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     stream, audit_log = None, None
-    if args.policy or args.audit or args.audit_log:
-        if not args.policy:
-            print("error: --audit and --audit-log need --policy", file=sys.stderr)
-            return 2
+    if args.policy:
         from gate.audit import AuditError, AuditLog
         from gate.policy import PolicyError, compile_policy, load_policy
         from gate.turn import governed_stream
@@ -123,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[load {t_load:.1f}s, prompt {len(prompt_ids)} tokens, first token {t_first:.2f}s "
               f"(includes compile), {n_tokens} tokens, {rate:.1f} tok/s after the first, finish={finish}]",
               file=sys.stderr)
+        stats = getattr(gen, "last_stats", None)
+        if stats is not None:
+            print(f"[speculative {args.speculative}, k={args.draft_k}: {stats.tokens_per_step:.2f} tokens per target "
+                  f"step, {stats.acceptance:.0%} of drafts accepted]", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,7 @@ from aqjax import decode as _decode
 from aqjax.cache import KVCache
 from aqjax.sampling import SamplingConfig, SamplingParams
 from models.config import LlamaConfig
-from models.params import Params, pack_params
+from models.params import Params, is_packed, pack_params
 
 FINISH_NAMES = {
     _decode.RUNNING: None,
@@ -73,7 +73,8 @@ class Generator:
 
     Args:
       cfg: the model config.
-      params: canonical params (models/params.py); they are packed into the compute layout once.
+      params: params in either layout (models/params.py); canonical ones are packed into the compute layout
+        once.
       stop_ids: default stop tokens (e.g. the tokenizer's eos and end-of-turn ids); None means the config's
         eos id, an empty sequence means none.
       chunk_size: decode steps per compiled call when streaming.
@@ -88,9 +89,11 @@ class Generator:
         stop_ids: Sequence[int] | None = None,
         chunk_size: int = 16,
         min_prompt_bucket: int = 16,
-        packed: bool = False,
+        packed: bool | None = None,
     ):
         self.cfg = cfg
+        if packed is None:
+            packed = is_packed(params)
         self.params = params if packed else jax.tree.map(jnp.asarray, pack_params(params, cfg))
         self.dtype = self.params["embed"].dtype
         if stop_ids is None:

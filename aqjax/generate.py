@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, packed=True)
     except (ModelFileError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -15,11 +15,12 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from models.config import LlamaConfig
 from models.errors import ModelFileError
-from models.params import Params
+from models.params import Params, is_packed, pack_params
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,7 +29,7 @@ class LoadedModel:
 
     Attributes:
       cfg: the static model config.
-      params: the params pytree (see models/params.py), jax arrays.
+      params: the params pytree (see models/params.py), jax arrays, in the compute layout when `packed`.
       tokenizer: a `models.tokenizer.Tokenizer`, or None when the source carries no tokenizer.
       source: the path it was loaded from.
     """
@@ -37,6 +38,7 @@ class LoadedModel:
     params: Params
     tokenizer: Any
     source: str
+    packed: bool = False
 
 
 def _is_gguf(path: pathlib.Path) -> bool:
@@ -49,8 +51,11 @@ def _is_gguf(path: pathlib.Path) -> bool:
         return False
 
 
-def load_model(path: str | os.PathLike | None = None, dtype=jnp.float32) -> LoadedModel:
+def load_model(path: str | os.PathLike | None = None, dtype=jnp.float32, *, packed: bool = False) -> LoadedModel:
     """Loads config, params (in `dtype`) and tokenizer from `path` (see the module docstring for the cases).
+
+    With `packed`, params come in the compute layout (`models.params.pack_params`) that `aqjax.engine.Generator`
+    runs on: an aqjax checkpoint stores that layout, so it is restored as is; other sources are packed here.
 
     Raises:
       ModelFileError: `path` is missing, of an unknown kind, or corrupt.
@@ -70,7 +75,7 @@ def load_model(path: str | os.PathLike | None = None, dtype=jnp.float32) -> Load
     elif p.is_dir() and (p / "aqjax_model.json").is_file():
         from models.convert import load_orbax, manifest_tokenizer, read_manifest
 
-        cfg, params = load_orbax(p, dtype)
+        cfg, params = load_orbax(p, dtype, packed=packed)
         tok = manifest_tokenizer(p, read_manifest(p))
     elif p.is_dir() and (p / "config.json").is_file():
         from models.convert import HF_TOKENIZER_FILES
@@ -87,4 +92,6 @@ def load_model(path: str | os.PathLike | None = None, dtype=jnp.float32) -> Load
             "not a model: expected a .gguf file, an aqjax checkpoint dir (aqjax_model.json) or an HF checkpoint "
             "dir (config.json + *.safetensors)",
         )
-    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=str(p))
+    if packed and not is_packed(params):
+        params = jax.tree.map(jnp.asarray, pack_params(params, cfg))
+    return LoadedModel(cfg=cfg, params=params, tokenizer=tok, source=str(p), packed=packed)

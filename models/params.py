@@ -83,9 +83,10 @@ def param_axes(cfg: LlamaConfig) -> Params:
     return axes
 
 
-def check_params(params: Params, cfg: LlamaConfig, *, where: str = "params") -> None:
-    """Raises ConfigError naming the first leaf whose presence or shape does not match `cfg`."""
-    expected = param_shapes(cfg)
+def check_params(params: Params, cfg: LlamaConfig, *, where: str = "params", packed: bool = False) -> None:
+    """Raises ConfigError naming the first leaf whose presence or shape does not match `cfg` (in the compute
+    layout when `packed`)."""
+    expected = packed_shapes(cfg) if packed else param_shapes(cfg)
 
     def walk(exp, got, path):
         if isinstance(exp, dict):
@@ -157,6 +158,51 @@ def pack_params(params: Params, cfg: LlamaConfig) -> Params:
     if "lm_head" in params:
         packed["lm_head"] = params["lm_head"]
     return packed
+
+
+def packed_shapes(cfg: LlamaConfig) -> Params:
+    """The shape of every leaf of the compute layout (`pack_params`), as a pytree of tuples."""
+    L, D, K, G, H, F = cfg.n_layers, cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim, cfg.d_ff
+    shapes = param_shapes(cfg)
+    shapes["layers"] = {
+        "attn_norm": (L, D),
+        "wqkv": (L, D, K, G + 2, H),
+        "wo": (L, K, G, H, D),
+        "mlp_norm": (L, D),
+        "w_gate_up": (L, D, 2, F),
+        "w_down": (L, F, D),
+    }
+    return shapes
+
+
+def is_packed(params: Params) -> bool:
+    """Whether `params` is in the compute layout (`pack_params`) rather than the canonical one."""
+    return isinstance(params, dict) and isinstance(params.get("layers"), dict) and "wqkv" in params["layers"]
+
+
+def unpack_params(packed: Params, cfg: LlamaConfig) -> Params:
+    """The inverse of `pack_params`: the canonical layout (exactly the same values)."""
+    lp = packed["layers"]
+    L, D, N, G, H = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.q_per_kv, cfg.head_dim
+    wqkv = lp["wqkv"]
+    params = {
+        "embed": packed["embed"],
+        "final_norm": packed["final_norm"],
+        "layers": {
+            "attn_norm": lp["attn_norm"],
+            "wq": wqkv[:, :, :, :G, :].reshape(L, D, N, H),
+            "wk": wqkv[:, :, :, G, :],
+            "wv": wqkv[:, :, :, G + 1, :],
+            "wo": lp["wo"].reshape(L, N, H, D),
+            "mlp_norm": lp["mlp_norm"],
+            "w_gate": lp["w_gate_up"][:, :, 0, :],
+            "w_up": lp["w_gate_up"][:, :, 1, :],
+            "w_down": lp["w_down"],
+        },
+    }
+    if "lm_head" in packed:
+        params["lm_head"] = packed["lm_head"]
+    return params
 
 
 def packed_axes(cfg: LlamaConfig) -> Params:

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aqjax.engine import Generator
 from models import convert, download
 from models.convert import MANIFEST, load_orbax, read_manifest
 from models.errors import ModelFileError
 from models.gguf import load_gguf
 from models.loader import LoadedModel, load_model
+from models.params import check_params, is_packed, pack_params, unpack_params
 from models.safetensors import load_hf_dir
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -55,6 +57,21 @@ def test_gguf_to_orbax_roundtrip(smollm2_gguf, smollm2_orbax):
     assert manifest["source"]["sha256"] == download.GGUF_SHA256
     assert manifest["source"]["path"] == str(pathlib.Path(smollm2_gguf).resolve())
     assert manifest["tokenizer"]["format"] == "aqjax-tokenizer"
+    assert manifest["layout"] == "packed" and manifest["format"] == convert.FORMAT
+
+
+@pytest.mark.slow
+def test_packed_load_is_the_engines_layout(smollm2_gguf, smollm2_orbax):
+    cfg, params_g = load_gguf(smollm2_gguf)
+    ready = load_model(smollm2_orbax, packed=True)
+    assert ready.packed and is_packed(ready.params)
+    _assert_trees_equal(ready.params, pack_params(params_g, cfg))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(ready.params))
+    # the engine takes either layout and runs the same model
+    gen_ready, gen_canon = Generator(cfg, ready.params), Generator(cfg, params_g)
+    prompt = ready.tokenizer.encode("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    assert ([r.tokens for r in gen_ready.generate([prompt], max_new_tokens=6)]
+            == [r.tokens for r in gen_canon.generate([prompt], max_new_tokens=6)])
 
 
 @pytest.mark.slow
@@ -109,6 +126,30 @@ def test_hf_dir_to_orbax_bfloat16_via_cli(tmp_path, capsys):
     assert model.tokenizer is None and model.cfg == cfg_h
 
 
+def test_pack_unpack_roundtrip_and_v1_checkpoints_still_load(tmp_path):
+    cfg, params = load_hf_dir(TINY_GQA)
+    packed = pack_params(params, cfg)
+    check_params(packed, cfg, packed=True)
+    assert is_packed(packed) and not is_packed(params)
+    _assert_trees_equal(unpack_params(packed, cfg), params)
+
+    v1 = tmp_path / "v1"
+    convert.save_orbax(v1, cfg, params, layout="canonical")
+    manifest = json.loads((v1 / MANIFEST).read_text())
+    assert manifest["layout"] == "canonical"
+    del manifest["layout"]  # what aqjax-orbax-v1 manifests look like
+    (v1 / MANIFEST).write_text(json.dumps({**manifest, "format": "aqjax-orbax-v1"}))
+    _assert_trees_equal(load_orbax(v1)[1], params)
+    _assert_trees_equal(load_orbax(v1, packed=True)[1], packed)
+    _assert_trees_equal(load_model(TINY_GQA, packed=True).params, packed)
+
+    (v1 / MANIFEST).write_text(json.dumps({**manifest, "format": convert.FORMAT, "layout": "sideways"}))
+    with pytest.raises(ModelFileError, match="layout is 'sideways'"):
+        load_orbax(v1)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        convert.save_orbax(tmp_path / "bad", cfg, params, layout="sideways")
+
+
 def test_destination_rules(tmp_path, capsys):
     dst = tmp_path / "ck"
     assert convert.main([str(TINY_GQA), str(dst)]) == 0
@@ -147,7 +188,7 @@ def test_bad_sources_and_checkpoints(tmp_path):
     bad_cfg = json.loads(manifest)
     bad_cfg["config"]["d_model"] = 32  # params on disk no longer match the config
     (dst / MANIFEST).write_text(json.dumps(bad_cfg))
-    with pytest.raises(ModelFileError, match=r"params do not match.*shape \(128, 64\), expected \(128, 32\)"):
+    with pytest.raises(ModelFileError, match=r"params do not match.*expected \(128, 32\)"):
         load_orbax(dst)
     (dst / MANIFEST).write_text(manifest)
     shutil.rmtree(dst / "params")

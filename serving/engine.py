@@ -59,7 +59,7 @@ from aqjax.sampling import SamplingConfig, SamplingParams
 from gate.core import keep_rows
 from models.config import LlamaConfig
 from models.llama import forward
-from models.params import Params, pack_params
+from models.params import Params, is_packed, pack_params
 from serving import gating
 
 __all__ = ["Draining", "Engine", "EngineConfig", "EngineRequest", "Failed", "Finished", "QueueFull", "SlotResult",
@@ -192,6 +192,8 @@ class EngineRequest:
         gates are then disabled; an ungoverned engine accepts no policy).
       phrase_state: the phrase-gate state to start from (numpy `PhraseState` with leading axis 1; a session's
         saved state), or None for a fresh one.
+      authority_state: the turn's authority-gate state (numpy `AuthorityState` with leading axis 1, see
+        `gating.authority_row`: principal, tool mode, tools offered, quotas spent), or None: no tool call.
     """
 
     prompt: Sequence[int]
@@ -201,6 +203,7 @@ class EngineRequest:
     stop_ids: Sequence[int] | None = None
     policy: gating.SlotPolicy | None = None
     phrase_state: Any = None
+    authority_state: Any = None
     # engine bookkeeping
     id: int = -1
     submitted: float = 0.0
@@ -254,7 +257,7 @@ def _prefill_piece(params: Params, state: _decode.DecodeState, slot, tokens, off
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gate"), donate_argnames=("state", "table"))
 def _insert(params: Params, state: _decode.DecodeState, table, slot, tokens, n, offset, sampling: SamplingParams,
-            max_new, stop_ids, restore, phrase_state, row_table, *, cfg: LlamaConfig, gate):
+            max_new, stop_ids, restore, phrase_state, authority_state, row_table, *, cfg: LlamaConfig, gate):
     """Prefills the last (or only) piece of a prompt on `slot`, samples its first token, and installs the row.
 
     Args:
@@ -263,6 +266,7 @@ def _insert(params: Params, state: _decode.DecodeState, table, slot, tokens, n, 
       offset: Int[] prompt tokens of this request already in the slot's cache row (earlier pieces).
       sampling / max_new / stop_ids: the request's row (leading axis 1).
       restore: Bool[1] start the phrase gate from `phrase_state` instead of its initial state.
+      authority_state: the authority gate's state for the turn (leading axis 1).
       row_table: the request's policy entry (leading axis 1), None when ungoverned.
 
     Returns:
@@ -272,8 +276,8 @@ def _insert(params: Params, state: _decode.DecodeState, table, slot, tokens, n, 
     row_cache = _cache_row(state.cache, slot, offset)
     gate_state = None
     if gate is not None:
-        phrases, structure = gate.init(row_table, 1)
-        gate_state = (keep_rows(restore, phrase_state, phrases), structure)
+        phrases, structure, _ = gate.init(row_table, 1)
+        gate_state = (keep_rows(restore, phrase_state, phrases), structure, authority_state)
     row = _decode.start(params, tokens, n, row_cache, sampling, max_new, stop_ids, M, gate_state, row_table,
                         cfg=cfg, gate=gate)
     fields = {f.name: _put_rows(getattr(state, f.name), getattr(row, f.name), slot)
@@ -350,7 +354,7 @@ class Engine:
 
     Args:
       cfg: the model config.
-      params: canonical params (packed here once), or packed ones with `packed=True`.
+      params: params in either layout (canonical ones are packed here once).
       config: batch sizes.
       stop_ids: default stop tokens.
       eos_id: the tokenizer's end-of-sequence id (the structure gate admits it in accepting states).
@@ -359,11 +363,13 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params: Params, config: EngineConfig = EngineConfig(), *,
                  stop_ids: Sequence[int] = (), eos_id: int | None = None, vocab_size: int | None = None,
-                 packed: bool = False):
+                 packed: bool | None = None):
         if config.max_len > cfg.max_seq_len:
             raise ValueError(f"max_len {config.max_len} exceeds the model's context of {cfg.max_seq_len}")
         self.cfg = cfg
         self.config = config
+        if packed is None:
+            packed = is_packed(params)
         self.params = params if packed else jax.tree.map(jnp.asarray, pack_params(params, cfg))
         self.dtype = self.params["embed"].dtype
         self.stop_ids = tuple(int(i) for i in stop_ids)
@@ -477,6 +483,8 @@ class Engine:
             raise ValueError(f"at most {self.config.max_stop_ids} stop tokens")
         if req.policy is not None and self.gate is None:
             raise ValueError("this engine runs ungoverned; it cannot apply a policy")
+        if req.authority_state is not None and (req.policy is None or req.policy.authority is None):
+            raise ValueError("a tool turn needs a policy that defines tools")
         if any(not 0 <= int(t) < self.cfg.vocab_size for t in req.prompt):
             raise ValueError("the prompt holds token ids outside the vocabulary")
         with self._cv:
@@ -730,17 +738,19 @@ class Engine:
         stops = self.stop_ids if req.stop_ids is None else tuple(req.stop_ids)
         stop_arr = np.full((1, c.max_stop_ids), -1, np.int32)
         stop_arr[0, : len(stops)] = stops
-        row_table = restore = phrase_state = None
+        row_table = restore = phrase_state = authority_state = None
         if self.gate is not None:
             self._fit_envelope(req.policy)
             row_table = self._row_table(req.policy)
             restore = np.asarray([req.phrase_state is not None])
             phrase_state = (gating.initial_phrase_state(1) if req.phrase_state is None
                             else jax.tree.map(np.asarray, req.phrase_state))
+            authority_state = (gating.initial_authority_state(1) if req.authority_state is None
+                               else jax.tree.map(np.asarray, req.authority_state))
         self._state, self._table, packed, before = _insert(
             self.params, self._state, self._table, jnp.int32(i), jnp.asarray(tokens), jnp.asarray([left], jnp.int32),
             jnp.int32(s.offset), SamplingParams.from_configs([req.sampling]), jnp.asarray([req.max_new], jnp.int32),
-            jnp.asarray(stop_arr), restore, phrase_state, row_table, cfg=self.cfg, gate=self.gate)
+            jnp.asarray(stop_arr), restore, phrase_state, authority_state, row_table, cfg=self.cfg, gate=self.gate)
         first, n_out, done, _ = (int(x) for x in np.asarray(packed))
         s.state_before = None if before is None else jax.tree.map(np.asarray, before)
         s.offset = len(req.prompt)

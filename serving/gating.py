@@ -2,16 +2,25 @@
 
 `gate.policy.compile_policy` turns one policy into a `Gate` whose functions take a single policy shared by all
 rows. A server batch mixes requests whose effective policies differ (deployment ∧ principal ∧ session ∧
-request), so the engine runs one fixed chain, the phrase gate then the structure gate, each wrapped by
-`per_row`: the wrapped gate's policy is `(enabled, arrays)` with a leading slot axis on both (one copy of the
-compiled arrays per slot, and a flag saying whether that slot's policy has this kind of rule at all), and its
-four functions are `vmap`ped over the slots. A disabled slot admits every token and keeps its state.
+request), so the engine runs one fixed chain (`SLOT_KINDS`: the phrase gate, the structure gate, the authority
+gate over tool calls), each wrapped by `per_row`: the wrapped gate's policy is `(enabled, arrays)` with a
+leading slot axis on both (one copy of the compiled arrays per slot, and a flag saying whether that slot's
+policy has this kind of rule at all), and its four functions are `vmap`ped over the slots. A disabled slot
+admits every token and keeps its state.
 
 Shapes: every slot's arrays are padded to one `Envelope` (per array field, the largest bucketed shape seen so
 far), so the table has static shapes and slots change policy without recompiling. The engine grows the
 envelope (one recompile) only when a policy exceeds it; compiled shapes are power-of-two buckets, so that is
 rare. Padding keeps the gates' semantics: padded automaton states are unreachable, padded rules never fire,
-padded structure states are dead (no admissible token, no transition).
+padded structure states are dead (no admissible token, no transition). The authority gate's tables pad the same
+way: its call automaton like a structure, padded principals and tools are granted nothing, padded automaton
+states reach no tool and lie in no integer field, padded rule ids are NO_RULE. Its tool axis is always
+`TOOL_SLOTS` wide (the compiler's limit), so a slot's `AuthorityState` (calls and quota spent per tool) has one
+shape whatever the policy: the host builds it per turn (`authority_row`, from the session's ledger) and the
+engine installs it with the request.
+
+The evidence, grounding, disclosure and escalation gates are not in the chain: a policy that needs one of them
+raises `UnsupportedPolicy` (the server answers 500 rather than serve without a rule of its policy).
 """
 
 from __future__ import annotations
@@ -24,14 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gate import authority as A
 from gate.core import NO_RULE, Action, Decision, Gate, Outcome, Verdict, chain, keep_rows
 from gate.phrases import CompiledPhrases, PhraseState, phrase_gate
 from gate.policy import CompiledPolicy
 from gate.structure import CompiledStructure, structure_gate
 
 __all__ = [
-    "SLOT_KINDS", "Envelope", "SlotPolicy", "UnsupportedPolicy", "complete", "empty_table", "grow_table",
-    "initial_phrase_state", "per_row", "phrase_state_of", "reserve", "row_policy", "slot_gate",
+    "SLOT_KINDS", "TOOL_SLOTS", "Envelope", "SlotPolicy", "UnsupportedPolicy", "authority_row", "authority_state_of",
+    "complete", "empty_table", "grow_table", "initial_authority_state", "initial_phrase_state", "per_row",
+    "phrase_state_of", "reserve", "row_policy", "slot_gate",
 ]
 
 _I32_MAX = np.iinfo(np.int32).max
@@ -47,7 +58,26 @@ _STRUCTURE_FILL = {
 }
 
 
+# Authority tables (flat field names; the call automaton's fields are "automaton.<field>"). The tool axis is
+# padded to TOOL_SLOTS at once (`SlotPolicy.from_compiled`), so it never grows.
+_AUTHORITY_FILL = {
+    "initial": 0, "granted": False, "max_calls": 0, "max_total": 0, "quota_min": 0, "reach": 0, "branch_row": -1,
+    "branch_bits": 0, "field": -1, "field_tool": 0, "field_quota": False, "field_min": 0, "field_max": 0,
+    "lead_len": 0, "lead_val": 0, "ends": False, "tool_rule": NO_RULE, "quota_rule": NO_RULE, "call_rule": None,
+    "refusal": -1, "refusal_len": None,
+}
+TOOL_SLOTS = 32  # the authority gate's tool axis (gate.authority compiles at most 31 tools)
+# per field, the axes that are the tool axis
+_TOOL_AXES = {"granted": (1,), "max_calls": (1,), "max_total": (1,), "quota_min": (1,), "branch_bits": (1,),
+              "tool_rule": (0,), "quota_rule": (0,)}
+
+
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    if isinstance(tree, A.CompiledAuthority):
+        out = {f"automaton.{k}": v for k, v in _shapes(tree.automaton).items()}
+        out.update({f.name: tuple(np.shape(getattr(tree, f.name))) for f in dataclasses.fields(tree)
+                    if f.name != "automaton"})
+        return out
     return {f.name: tuple(np.shape(getattr(tree, f.name))) for f in dataclasses.fields(tree)}
 
 
@@ -64,13 +94,17 @@ class Envelope:
     Attributes:
       phrases: field name -> shape of one slot's `CompiledPhrases` field.
       structure: field name -> shape of one slot's `CompiledStructure` field.
+      authority: field name -> shape of one slot's `CompiledAuthority` field ("automaton.<field>" for the
+        call automaton's).
     """
 
     phrases: dict | None = None
     structure: dict | None = None
+    authority: dict | None = None
 
     def union(self, other: Envelope) -> Envelope:
-        return Envelope(_max_shapes(self.phrases, other.phrases), _max_shapes(self.structure, other.structure))
+        return Envelope(_max_shapes(self.phrases, other.phrases), _max_shapes(self.structure, other.structure),
+                        _max_shapes(self.authority, other.authority))
 
     def covers(self, other: Envelope) -> bool:
         return self.union(other) == self
@@ -79,7 +113,7 @@ class Envelope:
         def freeze(d):
             return None if d is None else tuple(sorted(d.items()))
 
-        return freeze(self.phrases), freeze(self.structure)
+        return freeze(self.phrases), freeze(self.structure), freeze(self.authority)
 
 
 def _minimal_phrases(vocab_size: int) -> CompiledPhrases:
@@ -100,8 +134,34 @@ def _minimal_structure(vocab_size: int) -> CompiledStructure:
                              rule=np.zeros((), np.int32))
 
 
+def _minimal_authority(vocab_size: int) -> A.CompiledAuthority:
+    """The smallest authority table: no principal is granted anything (the envelope when no policy has tools)."""
+    z = np.zeros
+    K = TOOL_SLOTS
+    return A.CompiledAuthority(
+        automaton=_minimal_structure(vocab_size), initial=z((1,), np.int32), granted=z((1, K), bool),
+        max_calls=z((1, K), np.int32), max_total=z((1, K), np.int32), quota_min=z((1, K), np.int32),
+        reach=z((2,), np.int32), branch_row=np.full((2,), -1, np.int32), branch_bits=z((1, K, -(-vocab_size // 32)),
+                                                                                           np.uint32),
+        field=np.full((2,), -1, np.int32), field_tool=z((1,), np.int32), field_quota=z((1,), bool),
+        field_min=z((1, 1), np.int32), field_max=z((1, 1), np.int32), lead_len=z((vocab_size,), np.int32),
+        lead_val=z((vocab_size,), np.int32), ends=z((vocab_size,), bool), tool_rule=np.full((K,), NO_RULE, np.int32),
+        quota_rule=np.full((K,), NO_RULE, np.int32), call_rule=np.asarray(NO_RULE, np.int32),
+        refusal=np.full((8,), -1, np.int32), refusal_len=np.asarray(0, np.int32))
+
+
+def _widen_tools(a: A.CompiledAuthority) -> A.CompiledAuthority:
+    """The tool axis padded to TOOL_SLOTS (numpy), with the fill values that keep the gate's meaning."""
+    out = {}
+    for k, axes in _TOOL_AXES.items():
+        x = np.asarray(getattr(a, k))
+        widths = [(0, TOOL_SLOTS - x.shape[i]) if i in axes else (0, 0) for i in range(x.ndim)]
+        out[k] = np.pad(x, widths, constant_values=_AUTHORITY_FILL[k])
+    return a.replace(**out)
+
+
 # The gate kinds of the slot table, in chain order.
-SLOT_KINDS = ("phrases", "structure")
+SLOT_KINDS = ("phrases", "structure", "authority")
 
 
 class UnsupportedPolicy(ValueError):
@@ -116,11 +176,13 @@ class SlotPolicy:
       compiled: the `CompiledPolicy` (its rules table names the rule ids the gates report).
       phrases: its phrase tables (numpy), or None when the policy has no phrase rule.
       structure: its structure automaton (numpy), or None when the policy sets no structure.
+      authority: its authority tables (numpy, tool axis TOOL_SLOTS wide), or None when it defines no tools.
     """
 
     compiled: CompiledPolicy
     phrases: CompiledPhrases | None
     structure: CompiledStructure | None
+    authority: A.CompiledAuthority | None = None
 
     @classmethod
     def from_compiled(cls, compiled: CompiledPolicy) -> SlotPolicy:
@@ -134,8 +196,10 @@ class SlotPolicy:
         host = functools.partial(jax.tree.map, np.asarray)
         phrases = parts.get("phrases")
         structure = parts.get("structure")
+        authority = parts.get("authority")
         return cls(compiled, None if phrases is None else host(phrases),
-                   None if structure is None else host(structure))
+                   None if structure is None else host(structure),
+                   None if authority is None else _widen_tools(host(authority)))
 
     @property
     def policy_hash(self) -> str:
@@ -143,7 +207,8 @@ class SlotPolicy:
 
     def envelope(self) -> Envelope:
         return Envelope(None if self.phrases is None else _shapes(self.phrases),
-                        None if self.structure is None else _shapes(self.structure))
+                        None if self.structure is None else _shapes(self.structure),
+                        None if self.authority is None else _shapes(self.authority))
 
 
 def _pad(a: Any, shape: tuple[int, ...], fill, xp, lead: int = 0):
@@ -172,9 +237,21 @@ def _pad_structure(s: CompiledStructure, env: dict, xp=np, lead: int = 0) -> Com
     return CompiledStructure(**out)
 
 
+def _pad_authority(a: A.CompiledAuthority, env: dict, xp=np, lead: int = 0) -> A.CompiledAuthority:
+    auto = {k.split(".", 1)[1]: v for k, v in env.items() if k.startswith("automaton.")}
+    out = {}
+    for k, shape in env.items():
+        if k.startswith("automaton."):
+            continue
+        fill = _AUTHORITY_FILL[k]
+        out[k] = getattr(a, k) if fill is None else _pad(getattr(a, k), shape, fill, xp, lead)
+    return A.CompiledAuthority(automaton=_pad_structure(a.automaton, auto, xp, lead), **out)
+
+
 def _complete(env: Envelope, vocab_size: int) -> Envelope:
     """The envelope with the minimal tables filled in for gates no policy used yet."""
-    return env.union(Envelope(_shapes(_minimal_phrases(vocab_size)), _shapes(_minimal_structure(vocab_size))))
+    return env.union(Envelope(_shapes(_minimal_phrases(vocab_size)), _shapes(_minimal_structure(vocab_size)),
+                              _shapes(_minimal_authority(vocab_size))))
 
 
 def row_policy(policy: SlotPolicy | None, env: Envelope, vocab_size: int):
@@ -185,10 +262,13 @@ def row_policy(policy: SlotPolicy | None, env: Envelope, vocab_size: int):
     env = _complete(env, vocab_size)
     phrases = policy.phrases if policy is not None and policy.phrases is not None else None
     structure = policy.structure if policy is not None and policy.structure is not None else None
+    authority = policy.authority if policy is not None and policy.authority is not None else None
     p = _pad_phrases(phrases if phrases is not None else _minimal_phrases(vocab_size), env.phrases)
     s = _pad_structure(structure if structure is not None else _minimal_structure(vocab_size), env.structure)
+    a = _pad_authority(authority if authority is not None else _minimal_authority(vocab_size), env.authority)
     one = functools.partial(jax.tree.map, lambda x: np.asarray(x)[None])
-    return ((np.asarray([phrases is not None]), one(p)), (np.asarray([structure is not None]), one(s)))
+    return ((np.asarray([phrases is not None]), one(p)), (np.asarray([structure is not None]), one(s)),
+            (np.asarray([authority is not None]), one(a)))
 
 
 def empty_table(env: Envelope, vocab_size: int, slots: int):
@@ -200,8 +280,9 @@ def empty_table(env: Envelope, vocab_size: int, slots: int):
 def grow_table(table, env: Envelope, vocab_size: int):
     """The device table padded to a larger envelope (entries keep their meaning)."""
     env = _complete(env, vocab_size)
-    (pe, pa), (se, sa) = table
-    return ((pe, _pad_phrases(pa, env.phrases, jnp, lead=1)), (se, _pad_structure(sa, env.structure, jnp, lead=1)))
+    (pe, pa), (se, sa), (ae, aa) = table
+    return ((pe, _pad_phrases(pa, env.phrases, jnp, lead=1)), (se, _pad_structure(sa, env.structure, jnp, lead=1)),
+            (ae, _pad_authority(aa, env.authority, jnp, lead=1)))
 
 
 def reserve(env: Envelope, vocab_size: int, *, phrase_factor: int = 2, structure_states: int = 0,
@@ -219,7 +300,7 @@ def reserve(env: Envelope, vocab_size: int, *, phrase_factor: int = 2, structure
     n_edges = max(s["tokens"][0], int(structure_edges))
     s.update(allowed=(n_states,) + s["allowed"][1:], offsets=(n_states + 1,), accepting=(n_states,),
              tokens=(n_edges,), next_state=(n_edges,))
-    return Envelope(p, s)
+    return Envelope(p, s, env.authority)
 
 
 def complete(env: Envelope, vocab_size: int) -> Envelope:
@@ -310,12 +391,14 @@ def per_row(inner: Gate) -> Gate:
 
 @functools.cache
 def slot_gate(vocab_size: int, eos_id: int) -> Gate:
-    """The engine's gate: per-row phrase gate, then per-row structure gate (cached: one object per vocabulary).
+    """The engine's gate: per-row phrase, structure and authority gates (cached: one object per vocabulary).
 
-    Its policy is the slot table `((phrases_enabled, CompiledPhrases), (structure_enabled, CompiledStructure))`
-    with a leading slot axis; its state is `(PhraseState, StructureState)` with a leading slot axis.
+    Its policy is the slot table `((phrases_enabled, CompiledPhrases), (structure_enabled, CompiledStructure),
+    (authority_enabled, CompiledAuthority))` with a leading slot axis; its state is `(PhraseState,
+    StructureState, AuthorityState)` with a leading slot axis.
     """
-    return chain(per_row(phrase_gate(vocab_size)), per_row(structure_gate(vocab_size, eos_id)))
+    return chain(per_row(phrase_gate(vocab_size)), per_row(structure_gate(vocab_size, eos_id)),
+                 per_row(A.authority_gate(vocab_size)))
 
 
 def phrase_state_of(gate_state) -> PhraseState:
@@ -328,3 +411,40 @@ def initial_phrase_state(rows: int = 1) -> PhraseState:
     return PhraseState(ac=np.zeros((rows,), np.int32), forced_rule=np.full((rows,), -1, np.int32),
                        forced_pos=np.zeros((rows,), np.int32))
 
+
+
+def authority_state_of(gate_state) -> A.AuthorityState:
+    """The authority part of a slot-gate state (whether the turn ended on a complete call, and where)."""
+    return gate_state[2]
+
+
+def initial_authority_state(rows: int = 1) -> A.AuthorityState:
+    """An authority state that never calls (numpy): mode NONE, nothing spent (a slot without tools)."""
+    z = np.zeros((rows,), np.int32)
+    return A.AuthorityState(principal=z, mode=z + A.NONE, named=z - 1, forbidden=z.copy(),
+                            calls=np.zeros((rows, TOOL_SLOTS), np.int32), spent=np.zeros((rows, TOOL_SLOTS), np.int32),
+                            phase=z + A.FREE, num=z.copy(), msg_pos=z - 1, boundary=np.zeros((rows,), bool))
+
+
+def authority_row(policy: SlotPolicy, *, principal: int, mode: int, named: int = -1, forbidden: int = 0,
+                  calls=(), spent=()) -> A.AuthorityState:
+    """A turn's authority state for one slot (numpy, leading axis 1), as `gate.authority.begin_turn` makes it.
+
+    Args:
+      policy: the slot's policy (it must define tools).
+      principal: the row's principal (index into the policy's principals).
+      mode: NONE, AUTO or REQUIRED; named: the tool a REQUIRED turn must call (-1: any).
+      forbidden: bitmask of tools (policy order) this turn may not call.
+      calls / spent: per tool (policy order), calls made and the quota argument's total so far this session.
+    """
+    a = policy.authority
+    if a is None:
+        raise ValueError("the policy defines no tools")
+    st = initial_authority_state(1)
+    c, t = np.zeros((1, TOOL_SLOTS), np.int32), np.zeros((1, TOOL_SLOTS), np.int32)
+    c[0, : len(calls)] = calls
+    t[0, : len(spent)] = spent
+    phase = int(a.initial[principal]) if mode == A.REQUIRED else (A.PENDING if mode == A.AUTO else A.FREE)
+    return st.replace(principal=np.asarray([principal], np.int32), mode=np.asarray([mode], np.int32),
+                      named=np.asarray([named], np.int32), forbidden=np.asarray([forbidden], np.int32), calls=c,
+                      spent=t, phase=np.asarray([phase], np.int32))

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI): routes, authentication, errors in OpenAI's shape, SSE streams.
 
 Routes:
-  POST /v1/chat/completions     chat, streamed (SSE) or not; `aq` governance object on every answer
+  POST /v1/chat/completions     chat, streamed (SSE) or not; `aq` governance object on every answer; tool calls
+                                governed by the policy's authority (serving/tools.py)
   POST /v1/completions          plain-text completion
   GET  /v1/models               the served model
   GET  /v1/sessions/{id}        the caller's session (its policy fragments, turns, last audit record)
@@ -33,6 +34,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving import tools
 from serving.governance import Principal
 from serving.schemas import ChatRequest, CompletionRequest, ErrorResponse, ResponseFormat
 from serving.service import APIError, ChoiceResult, GenerationParams, Service, new_id
@@ -148,7 +150,7 @@ def _common_checks(svc: Service, body) -> None:
 
 
 def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_param: str,
-            fragment: dict | None) -> GenerationParams:
+            fragment: dict | None, tool_plan: tools.ToolPlan | None = None) -> GenerationParams:
     return GenerationParams(
         prompt=prompt,
         max_tokens=svc.max_tokens_for(len(prompt), max_tokens, max_param),
@@ -160,6 +162,7 @@ def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_p
         session_id=body.session_id,
         request_fragment=fragment,
         session_fragment=body.session_policy,
+        tools=tool_plan,
     )
 
 
@@ -322,23 +325,28 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request, who: Caller):
         svc.check_available()
         _common_checks(svc, body)
-        if body.tools or body.tool_choice not in (None, "none") or body.parallel_tool_calls:
-            raise APIError(400, "tools are not supported by this server yet", param="tools",
-                           code="unsupported_parameter")
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "logprobs are not supported by this server yet", param="logprobs",
                            code="unsupported_parameter")
-        messages = []
-        for i, m in enumerate(body.messages):
-            if m.role == "tool":
-                raise APIError(400, "tool messages are not supported", param=f"messages.{i}.role")
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
-        prompt = svc.chat_prompt(messages)
+        try:
+            tool_req = tools.parse_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except tools.ToolRequestError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        plan = None if tool_req is None else await svc.tool_plan(who, tool_req, body.session_id)
+        if plan is not None and plan.active and body.n > 1:
+            raise APIError(400, "n > 1 is not supported with tool calls (each call is charged to the session)",
+                           param="n", code="unsupported_parameter")
+        try:
+            policy = svc.book.deployment if svc.book is not None else None
+            messages, specs = tools.conversation(body.messages, plan, policy, knows_tools=svc.template_knows_tools)
+        except tools.ToolRequestError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        prompt = svc.chat_prompt(messages, specs)
         max_tokens, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         fragment = _request_fragment(body.policy, body.response_format)
-        p = _params(svc, body, prompt, max_tokens, param, fragment)
+        p = _params(svc, body, prompt, max_tokens, param, fragment, plan)
         call = await svc.begin(who, p, route="chat")
         rid, created = new_id("chatcmpl"), int(time.time())
         if body.stream:
@@ -346,9 +354,8 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
             return StreamingResponse(_chat_stream(svc, call, rid, created, len(prompt), usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, results = await _collect(svc, call, request)
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
-                    "logprobs": None, "finish_reason": results[i].finish_reason, "aq": results[i].aq}
-                   for i in sorted(results)]
+        choices = [{"index": i, "message": _message(texts[i], results[i]), "logprobs": None,
+                    "finish_reason": results[i].finish_reason, "aq": results[i].aq} for i in sorted(results)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": svc.model_name,
                 "choices": choices, "usage": _usage(len(prompt), results), "system_fingerprint": _fingerprint(svc),
                 "aq": _summary_aq(results)}
@@ -446,6 +453,12 @@ def _load_quietly(svc: Service) -> None:
         pass
 
 
+def _message(text: str, r: ChoiceResult) -> dict:
+    if r.tool_call is not None:  # an admitted call: no text went out
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [r.tool_call]}
+    return {"role": "assistant", "content": text, "refusal": None}
+
+
 def _model_card(svc: Service) -> dict:
     return {"id": svc.model_name, "object": "model", "created": int(svc.started), "owned_by": "aqjax"}
 
@@ -464,7 +477,8 @@ async def _stream(svc: Service, call, chunk_of, done_of, usage_of) -> Any:
                     yield _sse(chunk_of(i, payload))
                 else:
                     results[i] = payload
-                    yield _sse(done_of(i, payload))
+                    for chunk in done_of(i, payload):
+                        yield _sse(chunk)
         if usage_of is not None:
             yield _sse(usage_of(results))
     except APIError as e:
@@ -483,8 +497,13 @@ def _chat_stream(svc: Service, call, rid: str, created: int, prompt_len: int, us
         return {**base, "choices": [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]}
 
     def done(i, r: ChoiceResult):
-        return {**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": r.finish_reason}],
-                "aq": r.aq}
+        out = []
+        if r.tool_call is not None:  # the admitted call, in one delta once the action boundary admitted it
+            out.append({**base, "choices": [{"index": i, "delta": {"tool_calls": [{"index": 0, **r.tool_call}]},
+                                             "logprobs": None, "finish_reason": None}]})
+        out.append({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                         "finish_reason": r.finish_reason}], "aq": r.aq})
+        return out
 
     def usage_of(results):
         return {**base, "choices": [], "usage": _usage(prompt_len, results)}
@@ -507,8 +526,8 @@ def _completion_stream(svc: Service, call, rid: str, created: int, prompt_len: i
         return {**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
 
     def done(i, r: ChoiceResult):
-        return {**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": r.finish_reason}],
-                "aq": r.aq}
+        return [{**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": r.finish_reason}],
+                 "aq": r.aq}]
 
     def usage_of(results):
         return {**base, "choices": [], "usage": _usage(prompt_len, results)}

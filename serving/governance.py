@@ -5,7 +5,8 @@
   `Policy.merge_child` at the levels deployment, agent, session and turn; a fragment can only tighten. Merged
   and compiled policies are cached by content.
 * `SessionStore`: per-(principal, session id) state in SQLite (WAL, synchronous=FULL): the session's policy
-  fragments and the phrase gate's state after the last turn (with the hash of the policy it belongs to). The
+  fragments, the phrase gate's state after the last turn (with the hash of the policy it belongs to), and the
+  ledger of admitted tool calls (tool, quota amount), from which every turn rebuilds its quotas. The
   key includes the principal, so a principal can never read or continue another principal's session.
 * `AuditTrail`: the hash-chained audit log (`gate.audit.AuditLog`), with lookup restricted to the record's
   own principal.
@@ -183,6 +184,7 @@ class Session:
       phrase_state: the phrase gate's state after the last turn (numpy, leading axis 1), or None.
       last_record_id / last_verdict: the last turn's audit record and verdict.
       created / updated: RFC 3339 UTC times.
+      ledger: the admitted tool calls, [tool name, quota amount] each, oldest first.
     """
 
     principal: str
@@ -195,11 +197,13 @@ class Session:
     last_verdict: str | None = None
     created: str = ""
     updated: str = ""
+    ledger: tuple = ()
 
     def public(self) -> dict:
         return {"id": self.session_id, "object": "aq.session", "turns": self.turns, "policy": list(self.fragments),
                 "state_policy_hash": self.state_policy_hash, "last_record_id": self.last_record_id,
-                "last_verdict": self.last_verdict, "created": self.created, "updated": self.updated}
+                "last_verdict": self.last_verdict, "created": self.created, "updated": self.updated,
+                "tool_calls": [{"name": t, "amount": a} for t, a in self.ledger]}
 
 
 _SCHEMA = """
@@ -214,6 +218,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     phrase_state BLOB,
     last_record_id TEXT,
     last_verdict TEXT,
+    ledger TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (principal, session_id)
 )
 """
@@ -229,17 +234,22 @@ class SessionStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        if "ledger" not in columns:  # a store written before tool calls
+            self._db.execute("ALTER TABLE sessions ADD COLUMN ledger TEXT NOT NULL DEFAULT '[]'")
 
     def get(self, principal: str, session_id: str) -> Session | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT created, updated, turns, fragments, state_policy_hash, phrase_state, last_record_id, "
-                "last_verdict FROM sessions WHERE principal = ? AND session_id = ?", (principal, session_id)).fetchone()
+                "last_verdict, ledger FROM sessions WHERE principal = ? AND session_id = ?",
+                (principal, session_id)).fetchone()
         if row is None:
             return None
-        created, updated, turns, fragments, sph, blob, rid, verdict = row
+        created, updated, turns, fragments, sph, blob, rid, verdict, ledger = row
         return Session(principal, session_id, tuple(json.loads(fragments)), turns, sph,
-                       None if blob is None else _unpack_state(blob), rid, verdict, created, updated)
+                       None if blob is None else _unpack_state(blob), rid, verdict, created, updated,
+                       tuple(tuple(e) for e in json.loads(ledger)))
 
     def add_fragment(self, principal: str, session_id: str, fragment: Mapping) -> Session:
         """Appends a session-level policy fragment (the caller has checked that it merges)."""
@@ -263,18 +273,31 @@ class SessionStore:
         return self.get(principal, session_id)
 
     def commit_turn(self, principal: str, session_id: str, policy_hash: str | None, phrase_state: PhraseState | None,
-                    record_id: str | None, verdict: str | None) -> None:
-        """Records a finished turn: the phrase state to resume from and its audit record."""
+                    record_id: str | None, verdict: str | None, tool_call: tuple[str, int] | None = None) -> None:
+        """Records a finished turn: the phrase state to resume from, its audit record, and the tool call it made
+        (appended to the session's ledger, in the same transaction)."""
         now = _now()
         blob = None if phrase_state is None else _pack_state(phrase_state)
         with self._lock:
-            self._db.execute(
-                "INSERT INTO sessions (principal, session_id, created, updated, turns, state_policy_hash, "
-                "phrase_state, last_record_id, last_verdict) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?) "
-                "ON CONFLICT (principal, session_id) DO UPDATE SET turns = turns + 1, updated = excluded.updated, "
-                "state_policy_hash = excluded.state_policy_hash, phrase_state = excluded.phrase_state, "
-                "last_record_id = excluded.last_record_id, last_verdict = excluded.last_verdict",
-                (principal, session_id, now, now, policy_hash, blob, record_id, verdict))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT ledger FROM sessions WHERE principal = ? AND session_id = ?",
+                                       (principal, session_id)).fetchone()
+                ledger = [] if row is None else json.loads(row[0])
+                if tool_call is not None:
+                    ledger.append([str(tool_call[0]), int(tool_call[1])])
+                self._db.execute(
+                    "INSERT INTO sessions (principal, session_id, created, updated, turns, state_policy_hash, "
+                    "phrase_state, last_record_id, last_verdict, ledger) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (principal, session_id) DO UPDATE SET turns = turns + 1, "
+                    "updated = excluded.updated, state_policy_hash = excluded.state_policy_hash, "
+                    "phrase_state = excluded.phrase_state, last_record_id = excluded.last_record_id, "
+                    "last_verdict = excluded.last_verdict, ledger = excluded.ledger",
+                    (principal, session_id, now, now, policy_hash, blob, record_id, verdict, _canonical(ledger)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:

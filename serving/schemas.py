@@ -7,6 +7,9 @@ The aqjax extensions are extra body fields (`extra_body=` in the openai client):
   policy           a turn-level policy fragment ({phrases, structure, messages}); it may only tighten.
   session_policy   a session-level fragment added to the session for this and every later turn (needs
                    session_id); it may only tighten.
+
+Tools (`tools`, `tool_choice`, `parallel_tool_calls` false) are governed by the policy's authority: see
+serving/tools.py.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-__all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "ErrorBody", "ErrorResponse", "ResponseFormat"]
+__all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "ErrorBody", "ErrorResponse", "ResponseFormat",
+           "ToolCall", "ToolSpec"]
 
 SessionId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
@@ -29,10 +33,40 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """A tool call in the history (an earlier assistant reply)."""
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Strict):
+    """An entry of `tools` (the policy, not `parameters`, decides what a call may contain: serving/tools.py)."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
+    refusal: str | None = None  # an assistant message sent back as it came
 
     def text(self) -> str:
         if self.content is None:
@@ -88,8 +122,8 @@ class ChatRequest(_Generation):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[ToolSpec], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None

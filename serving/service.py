@@ -15,6 +15,11 @@ Threads and queues (see also serving/engine.py):
 A session's turns run one at a time (an asyncio lock per (principal, session)); the phrase gate resumes from
 the state the previous turn left when the effective policy is the same (a state belongs to one compiled
 policy). With n > 1 the session continues from choice 0.
+
+Tool calls (serving/tools.py): a turn with tools gets its authority state from the session's ledger when it is
+admitted (under the session lock); when its choice finishes, the action boundary (`tools.decide`) admits or
+refuses the proposed call on the asyncio thread, and the persistence thread writes the decision into the audit
+record and the admitted call into the ledger, in the same commit as the turn.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from gate.audit import AuditRecord, state_hash
 from gate.core import Verdict
 from gate.policy import Policy, PolicyError, load_policy, parse_policy
 from gate.turn import audit_events
-from serving import gating
+from serving import gating, tools
 from serving.config import ServerConfig
 from serving.engine import Draining, Engine, EngineRequest, Failed, Finished, QueueFull, SlotResult, Tokens
 from serving.governance import AuditTrail, PolicyBook, Principal, SessionStore, is_loosening
@@ -51,6 +56,7 @@ _EMPTY_POLICY = "aqjax_policy: 1\nname: none\n"
 # how a gate-ended turn is reported, by verdict (OpenAI's finish_reason is then "content_filter")
 _GATE_FINISH = {Verdict.REFUSE: "refused", Verdict.DEFER: "deferred", Verdict.CLARIFY: "clarify",
                 Verdict.DOWNGRADE: "gate", Verdict.ADMIT: "gate"}
+_NO_TOOL = tools.ToolOutcome()
 
 
 class APIError(Exception):
@@ -93,17 +99,19 @@ class GenerationParams:
     session_id: str | None = None
     request_fragment: dict | None = None
     session_fragment: dict | None = None
+    tools: tools.ToolPlan | None = None
 
 
 @dataclasses.dataclass
 class ChoiceResult:
     """One finished choice: its OpenAI finish_reason, token count and `aq` governance object (the text went out
-    in the "delta" events before it)."""
+    in the "delta" events before it), and the admitted tool call in OpenAI's shape (then no text went out)."""
 
     index: int
     finish_reason: str
     completion_tokens: int
     aq: dict | None
+    tool_call: dict | None = None
 
 
 class StopScanner:
@@ -148,6 +156,7 @@ class _Choice:
     stopped: bool = False  # a stop string ended it (its engine request was cancelled)
     done: bool = False
     last_event: float = 0.0
+    hold: tools.CallHold | None = None  # a tool turn: text that may be a call waits for the action boundary
 
 
 @dataclasses.dataclass(eq=False)
@@ -161,6 +170,7 @@ class _Call:
     lock: asyncio.Lock | None
     route: str
     results: dict = dataclasses.field(default_factory=dict)
+    ledger: tuple = ()  # the session's tool calls before this turn
 
 
 class Service:
@@ -215,7 +225,7 @@ class Service:
             else:
                 from models.loader import load_model
 
-                self.model = load_model(c.model or None)
+                self.model = load_model(c.model or None, packed=True)
         m = self.model
         if m.tokenizer is None:
             raise ValueError(f"{m.source} carries no tokenizer; the server needs one")
@@ -286,18 +296,25 @@ class Service:
     def tokenizer(self):
         return self.model.tokenizer
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    @property
+    def template_knows_tools(self) -> bool:
+        """The chat template renders tools itself (else serving/tools.py describes them in the system prompt)."""
+        return "tools" in (getattr(self.tokenizer, "chat_template", None) or "")
+
+    def chat_prompt(self, messages: list[dict], tool_specs: list[dict] | None = None) -> list[int]:
         """Renders the chat template and encodes it; message contents can never become control tokens.
 
         The template is rendered around sentinels; its own text is encoded with special tokens parsed, every
         message content without (a user who writes "<|im_end|>" gets those characters, not the marker).
+        `tool_specs` (from the policy, never from the request) go to a template that knows tools.
         """
         tok = self.tokenizer
         nonce = secrets.token_hex(8)
         contents = [m["content"] for m in messages]
         marked = [dict(m, content=f"\x00{nonce}:{i}\x00") for i, m in enumerate(messages)]
+        extra = {} if tool_specs is None else {"tools": tool_specs}
         try:
-            text = tok.apply_chat_template(marked, add_generation_prompt=True)
+            text = tok.apply_chat_template(marked, add_generation_prompt=True, **extra)
         except Exception as e:
             raise APIError(400, f"cannot render the conversation: {e}", param="messages") from None
         ids: list[int] = []
@@ -374,6 +391,21 @@ class Service:
                                                  p.session_id, p.session_fragment)
         return policy, slot_policy, session
 
+    async def tool_plan(self, principal: Principal, req: tools.ToolRequest, session_id: str | None) -> tools.ToolPlan:
+        """The tools a call may use (serving/tools.py); 403 (audited) when a required call cannot be satisfied."""
+        self.check_available()
+        if not self.governed:
+            raise APIError(400, "this server runs without a gate: tool calls are not available", param="tools",
+                           code="unsupported_parameter")
+        try:
+            return tools.plan(self.book.deployment, principal.name, req)
+        except tools.ToolNotPermitted as e:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.persist, self.audit.rejection, principal, session_id, self.book.deployment,
+                                       f"tool not permitted: {e}")
+            self.metrics.rejections.inc()
+            raise APIError(403, str(e), param="tool_choice", code="tool_not_permitted") from None
+
     # ---------------------------------------------------------------------------------------------- running
 
     async def begin(self, principal: Principal, p: GenerationParams, *, route: str = "chat") -> _Call:
@@ -397,7 +429,18 @@ class Service:
             phrase_state = None
             if session is not None and session.phrase_state is not None and session.state_policy_hash == policy.hash:
                 phrase_state = session.phrase_state
-            return self._submit(principal, p, policy, slot_policy, phrase_state, lock, route)
+            ledger = session.ledger if session is not None else ()
+            authority_state = None
+            if p.tools is not None and p.tools.active:
+                if slot_policy.structure is not None:
+                    raise APIError(400, "a tool call cannot be combined with a structure constraint "
+                                        "(response_format, or a structure in the policy)", param="tools")
+                if slot_policy.authority is None:  # plans come from the same tools section: cannot happen
+                    raise APIError(500, "the effective policy lost its tools", code="internal_error")
+                authority_state = tools.turn_state(slot_policy, p.tools, ledger)
+            call = self._submit(principal, p, policy, slot_policy, phrase_state, lock, route, authority_state)
+            call.ledger = ledger
+            return call
         except BaseException:
             if lock is not None and lock.locked():
                 lock.release()
@@ -418,7 +461,8 @@ class Service:
             if not finished:
                 self._abandon(call)
 
-    def _submit(self, principal, p: GenerationParams, policy, slot_policy, phrase_state, lock, route) -> _Call:
+    def _submit(self, principal, p: GenerationParams, policy, slot_policy, phrase_state, lock, route,
+                authority_state=None) -> _Call:
         from models.tokenizer import StreamDecoder
 
         loop = asyncio.get_running_loop()
@@ -434,8 +478,10 @@ class Service:
 
             sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, seed=(base_seed + i) % 2**63)
             req = EngineRequest(prompt=p.prompt, max_new=p.max_tokens, sink=sink, sampling=sampling,
-                                policy=slot_policy, phrase_state=phrase_state if i == 0 else None)
-            call.choices.append(_Choice(i, req, StreamDecoder(self.tokenizer), StopScanner(p.stop)))
+                                policy=slot_policy, phrase_state=phrase_state if i == 0 else None,
+                                authority_state=authority_state)
+            hold = tools.CallHold() if authority_state is not None else None
+            call.choices.append(_Choice(i, req, StreamDecoder(self.tokenizer), StopScanner(p.stop), hold=hold))
         submitted = []
         try:
             for ch in call.choices:
@@ -479,7 +525,10 @@ class Service:
                     self.metrics.completion_tokens.inc(len(event.tokens))
                     if ch.stopped:
                         continue
-                    text, hit = ch.stopper.push(ch.decoder.push(event.tokens))
+                    text = ch.decoder.push(event.tokens)
+                    if ch.hold is not None:
+                        text = ch.hold.push(text)
+                    text, hit = ch.stopper.push(text)
                     if hit:
                         ch.stopped = True
                         self.engine.cancel(ch.req)
@@ -490,12 +539,17 @@ class Service:
                     ch.done = True
                     if not ch.stopped:
                         tail = ch.decoder.flush()
+                        if ch.hold is not None:
+                            tail = ch.hold.push(tail)
                         text, hit = ch.stopper.push(tail)
                         ch.stopped = ch.stopped or hit
                         text += "" if hit else ch.stopper.flush()
                         if text:
                             yield ("delta", i, text)
                     result = await self._commit(call, ch, event.result)
+                    if ch.hold is not None and ch.hold.held and result.tool_call is None:
+                        # a call that was not admitted: the client gets the refusal, never the call's text
+                        yield ("delta", i, call.slot_policy.compiled.policy.messages["refusal"])
                     yield ("done", i, result)
                 elif isinstance(event, Failed):
                     pending.discard(i)
@@ -551,36 +605,56 @@ class Service:
             finish = aq_finish = result.finish_reason
         if not self.governed:
             return ChoiceResult(ch.index, finish, len(result.tokens), None)
+        outcome = tools.ToolOutcome()
+        if call.params.tools is not None and result.finish_reason != "cancelled":
+            outcome = tools.decide(call.slot_policy.compiled.policy, call.params.tools,
+                                   self.tokenizer.decode(result.tokens),
+                                   None if result.gate_state is None else gating.authority_state_of(result.gate_state),
+                                   result.verdict, call.ledger)
+        if outcome.call is not None:
+            finish, aq_finish = "tool_calls", "tool_call"
+        elif outcome.reason is not None or (outcome.began and ch.hold is not None and ch.hold.held):
+            finish, aq_finish = "content_filter", "refused"  # the refusal replaces the call (see _events)
         record = None
         if result.tokens or result.finish_reason != "cancelled":
             loop = asyncio.get_running_loop()
-            record = await loop.run_in_executor(self.persist, self._persist, call, ch, result, aq_finish)
-        aq = self._aq(call, result, aq_finish, record)
+            record = await loop.run_in_executor(self.persist, self._persist, call, ch, result, aq_finish, outcome)
+        aq = self._aq(call, result, aq_finish, record, outcome)
         m.verdicts.labels(aq["verdict"]).inc()
         for r in aq["rules"]:
             m.rules.labels(r["level"], r["kind"], r["text"][:60], r["action"]).inc(r["events"])
-        return ChoiceResult(ch.index, finish, len(result.tokens), aq)
+        return ChoiceResult(ch.index, finish, len(result.tokens), aq,
+                            None if outcome.call is None else tools.openai_call(outcome.call))
 
-    def _persist(self, call: _Call, ch: _Choice, result: SlotResult, finish: str) -> AuditRecord:
+    @staticmethod
+    def _verdict(result: SlotResult, finish: str) -> Verdict:
+        return Verdict.REFUSE if finish == "refused" else Verdict(result.verdict)
+
+    def _persist(self, call: _Call, ch: _Choice, result: SlotResult, finish: str,
+                 outcome: tools.ToolOutcome = _NO_TOOL) -> AuditRecord:
         compiled = call.slot_policy.compiled
+        events = list(audit_events(compiled, self.tokenizer, result))
+        events += tools.audit_events(compiled, call.params.tools, outcome, len(result.tokens))
         record = self.audit.append({
             "policy_hash": compiled.policy_hash,
             "state_hash_before": state_hash(result.gate_state_before if result.gate_state_before is not None else ()),
             "state_hash_after": state_hash(result.gate_state if result.gate_state is not None else ()),
             "principal": call.principal.name,
             "session": call.params.session_id,
-            "events": list(audit_events(compiled, self.tokenizer, result)),
-            "final_verdict": Verdict(result.verdict).name,
+            "events": events,
+            "final_verdict": self._verdict(result, finish).name,
             "confidence": result.confidence,
             "finish_reason": finish,
         })
         if call.params.session_id is not None and ch.index == 0:
             phrase_state = None if result.gate_state is None else gating.phrase_state_of(result.gate_state)
+            spent = None if outcome.call is None else (outcome.call.name, outcome.amount)
             self.sessions.commit_turn(call.principal.name, call.params.session_id, call.policy.hash, phrase_state,
-                                      record.record_id, record.final_verdict)
+                                      record.record_id, record.final_verdict, spent)
         return record
 
-    def _aq(self, call: _Call, result: SlotResult, finish: str, record: AuditRecord | None) -> dict:
+    def _aq(self, call: _Call, result: SlotResult, finish: str, record: AuditRecord | None,
+            outcome: tools.ToolOutcome = _NO_TOOL) -> dict:
         compiled = call.slot_policy.compiled
         counts: dict[int, int] = {}
         for e in result.events:
@@ -588,6 +662,9 @@ class Service:
                 counts[e.rule] = counts.get(e.rule, 0) + 1
         if result.rule >= 0:
             counts.setdefault(result.rule, 1)
+        for e in tools.audit_events(compiled, call.params.tools, outcome, len(result.tokens)):
+            if e["rule"] >= 0:
+                counts[e["rule"]] = counts.get(e["rule"], 0) + 1
         rules = []
         for rid, n in sorted(counts.items()):
             info = compiled.rules.get(rid)
@@ -595,8 +672,8 @@ class Service:
                 continue
             rules.append({"id": rid, "level": info.level, "kind": info.kind, "text": info.text,
                           "action": info.action, "events": n})
-        return {
-            "verdict": Verdict(result.verdict).name,
+        out = {
+            "verdict": self._verdict(result, finish).name,
             "confidence": round(float(result.confidence), 6),
             "finish": finish,
             "rules": rules,
@@ -604,6 +681,12 @@ class Service:
             "audit_id": None if record is None else record.record_id,
             "session_id": call.params.session_id,
         }
+        if call.params.tools is not None:
+            out["tools"] = {**call.params.tools.public(),
+                            "call": None if outcome.call is None else {"name": outcome.call.name,
+                                                                       "arguments": outcome.call.arguments},
+                            "refusal_reason": outcome.reason}
+        return out
 
     # ---------------------------------------------------------------------------------------------- reads
 

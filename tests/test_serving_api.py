@@ -192,8 +192,10 @@ def test_errors_have_openai_shape_and_status(server):
     assert (e.value.body["code"], e.value.body["param"]) == ("context_length_exceeded", "max_tokens")
     with pytest.raises(openai.BadRequestError):
         chat(client(url), temperature=3)
-    with pytest.raises(openai.BadRequestError):
-        chat(client(url), tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError) as e:  # one call per reply (serving/tools.py)
+        chat(client(url), tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+             parallel_tool_calls=True)
+    assert e.value.body["param"] == "parallel_tool_calls"
     # raw HTTP: bad JSON, wrong types, unknown routes and methods: always {"error": {...}}, never a 422
     h = {"Authorization": "Bearer key-alice"}
     for method, path, body, status in [

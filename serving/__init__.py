@@ -4,6 +4,7 @@ Public API (see each module's docstring; serving/service.py and serving/engine.p
   serving.engine      Engine, EngineConfig, EngineRequest: continuous batching over a fixed number of slots
   serving.gating      per-slot policies (one compiled policy per slot of the running batch)
   serving.governance  API keys and principals, effective policies, sessions (SQLite), the audit trail
+  serving.tools       tool calls: what a request may call, the prompt, the action boundary, streaming hold
   serving.service     Service: model + engine + governance behind the API
   serving.api         create_app: the FastAPI app (routes, errors in OpenAI's shape, SSE)
   serving.config      ServerConfig, load_config: the TOML file and its defaults

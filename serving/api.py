@@ -5,7 +5,7 @@ Routes:
                                 governed by the policy's authority (serving/tools.py)
   POST /v1/completions          plain-text completion
   GET  /v1/models               the served model
-  GET  /v1/sessions/{id}        the caller's session (its policy fragments, turns, last audit record)
+  GET  /v1/sessions/{id}        the caller's session (policy fragments, turns, last audit record, tool calls)
   GET  /v1/audit/head           the audit chain's head (seq, hash) to anchor verification (admin / auditor)
   GET  /v1/audit/{record_id}    an audit record, to its own principal (admins / auditors: any)
   GET  /health                  200 when ready, 503 while starting or draining

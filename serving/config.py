@@ -33,6 +33,8 @@
     [principals.alice]              # optional, per principal
     policy = { phrases = [{ phrase = "project falcon", action = "suppress" }] }   # agent-level fragment
     # or: policy_file = "alice.yaml" (a YAML fragment: phrases / structure / messages)
+    # The tools a principal may call come from the deployment policy's `principals` section (the entry of the
+    # same name; see serving/tools.py), not from this file: a fragment cannot grant anything.
 
 Relative paths are resolved against the directory of the file that names them.
 """

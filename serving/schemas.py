@@ -2,8 +2,9 @@
 
 The aqjax extensions are extra body fields (`extra_body=` in the openai client):
 
-  session_id       a session of the calling principal: its policy fragments apply, and the phrase gate resumes
-                   from the state the session's last turn left.
+  session_id       a session of the calling principal: its policy fragments apply, the phrase gate resumes
+                   from the state the session's last turn left, and its admitted tool calls count against the
+                   tool quotas.
   policy           a turn-level policy fragment ({phrases, structure, messages}); it may only tighten.
   session_policy   a session-level fragment added to the session for this and every later turn (needs
                    session_id); it may only tighten.

@@ -353,3 +353,27 @@ def test_authority_tables_of_different_sizes_share_the_batch():
     assert got[1] == (REFUSAL, 4)  # REFUSE
     assert got[2] == (ALPHABET, 0)  # no policy: the slot's gates are off
     assert np.asarray(spent.calls).shape == (1, 32)
+
+
+def test_a_session_store_from_before_tool_calls_gets_a_ledger(tmp_path):
+    import sqlite3
+
+    from serving.governance import SessionStore
+
+    db = sqlite3.connect(tmp_path / "s.sqlite3")
+    db.execute("CREATE TABLE sessions (principal TEXT NOT NULL, session_id TEXT NOT NULL, created TEXT NOT NULL, "
+               "updated TEXT NOT NULL, turns INTEGER NOT NULL DEFAULT 0, fragments TEXT NOT NULL DEFAULT '[]', "
+               "state_policy_hash TEXT, phrase_state BLOB, last_record_id TEXT, last_verdict TEXT, "
+               "PRIMARY KEY (principal, session_id))")
+    db.execute("INSERT INTO sessions (principal, session_id, created, updated, turns) VALUES ('bob', 's', 't', 't', 3)")
+    db.commit()
+    db.close()
+    store = SessionStore(tmp_path / "s.sqlite3")
+    assert store.get("bob", "s").ledger == () and store.get("bob", "s").turns == 3
+    store.commit_turn("bob", "s", None, None, None, "ADMIT", ("transfer", 120))
+    store.commit_turn("bob", "s", None, None, None, "ADMIT")
+    store.commit_turn("bob", "s", None, None, None, "ADMIT", ("get_balance", 0))
+    s = store.get("bob", "s")
+    assert s.ledger == (("transfer", 120), ("get_balance", 0)) and s.turns == 6
+    assert tools.ledger_usage(s.ledger) == ({"transfer": 1, "get_balance": 1}, {"transfer": 120, "get_balance": 0})
+    store.close()

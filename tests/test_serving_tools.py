@@ -377,3 +377,27 @@ def test_a_session_store_from_before_tool_calls_gets_a_ledger(tmp_path):
     assert s.ledger == (("transfer", 120), ("get_balance", 0)) and s.turns == 6
     assert tools.ledger_usage(s.ledger) == ({"transfer": 1, "get_balance": 1}, {"transfer": 120, "get_balance": 0})
     store.close()
+
+
+def test_growing_the_table_keeps_an_authority_row():
+    """A slot's authority entry padded on the device to a larger envelope (the engine growing its table while
+    serving) equals the entry built for that envelope directly."""
+    import jax
+
+    from serving import gating
+
+    tok = load_mock().tokenizer
+    V = tok.vocab_size
+    small_policy = parse_policy(TOOLS_POLICY.replace("  dave: {roles: [closer]}\n", "").replace(
+        "      transfer: {max_calls: 2, max_total: 500, arguments: {amount: {maximum: 300}}}\n", ""))
+    small = SlotPolicy.from_compiled(compile_policy(small_policy, tok))
+    big = SlotPolicy.from_compiled(compile_policy(parse_policy(TOOLS_POLICY), tok))
+    env_small = gating.complete(small.envelope(), V)
+    env_big = gating.complete(env_small.union(big.envelope()), V)
+    assert env_big != env_small
+    row = gating.row_policy(small, env_small, V)
+    grown = gating.grow_table(jax.tree.map(np.asarray, row), env_big, V)
+    direct = gating.row_policy(small, env_big, V)
+    assert jax.tree.structure(grown) == jax.tree.structure(direct)
+    for a, b in zip(jax.tree.leaves(grown), jax.tree.leaves(direct), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -113,7 +113,8 @@ def _lookup_init(dparams, prompt, lengths, last, target_cache) -> LookupState:
     return LookupState(buf=buf, length=lengths + 1)
 
 
-def _lookup_propose(dparams, state: LookupState, last, choose, carry, n_draft, *, k: int, max_ngram: int):
+def _lookup_propose(dparams, state: LookupState, last, choose, carry, n_draft, *, k: int, max_ngram: int,
+                    min_ngram: int = 1):
     del dparams, last, choose, n_draft
     buf, length = state.buf, state.length
     B, S = buf.shape
@@ -128,7 +129,7 @@ def _lookup_propose(dparams, state: LookupState, last, choose, carry, n_draft, *
         run = run + alive
     # A candidate needs at least one known token after it (e <= length - 2). Prefer the longest match, then the
     # most recent one (recent text predicts the next tokens best).
-    cand = (pos <= length[:, None] - 2) & (run > 0)
+    cand = (pos <= length[:, None] - 2) & (run >= min_ngram)
     score = jnp.where(cand, run * S + pos, -1)
     best = jnp.max(score, axis=1)
     found = best >= 0
@@ -150,9 +151,12 @@ def _lookup_commit(dparams, state: LookupState, tokens, n) -> LookupState:
 
 
 @functools.cache
-def lookup_drafter(max_ngram: int = 3) -> Drafter:
-    """Prompt-lookup drafter matching suffix n-grams of length up to `max_ngram` (its dparams are ())."""
-    return Drafter(init=_lookup_init, propose=functools.partial(_lookup_propose, max_ngram=max_ngram),
+def lookup_drafter(max_ngram: int = 3, min_ngram: int = 1) -> Drafter:
+    """Prompt-lookup drafter matching suffix n-grams of `min_ngram` to `max_ngram` tokens (its dparams are ())."""
+    if not 1 <= min_ngram <= max_ngram:
+        raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+    return Drafter(init=_lookup_init, propose=functools.partial(_lookup_propose, max_ngram=max_ngram,
+                                                                 min_ngram=min_ngram),
                    commit=_lookup_commit, name="lookup", deterministic=True)
 
 

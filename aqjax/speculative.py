@@ -475,7 +475,7 @@ class SpeculativeGenerator:
         standard location, `aqjax.drafters.default_draft_dir`).
       self_layers: layers of the early-exit drafter ("self").
       head_vocab: token ids [0, head_vocab) the "self" drafter's head predicts (None: all).
-      max_ngram: longest suffix n-gram the "lookup" drafter matches.
+      max_ngram / min_ngram: longest / shortest suffix n-gram the "lookup" drafter matches.
       adaptive: per-row adaptive draft length (default: on for the model drafters, off for lookup, whose
         verification costs the same whatever it proposes).
 
@@ -485,7 +485,7 @@ class SpeculativeGenerator:
 
     def __init__(self, gen: Generator, speculative: str = "lookup", *, draft_k: int = 4,
                  draft: DraftModel | str | None = None, self_layers: int = 8, head_vocab: int | None = 8192,
-                 max_ngram: int = 3, adaptive: bool | None = None):
+                 max_ngram: int = 3, min_ngram: int = 1, adaptive: bool | None = None):
         _check_kind(speculative)
         self.gen = gen
         self.cfg, self.params, self.stop_ids = gen.cfg, gen.params, gen.stop_ids
@@ -495,6 +495,8 @@ class SpeculativeGenerator:
         self.self_layers = int(self_layers)
         self.head_vocab = head_vocab
         self.max_ngram = int(max_ngram)
+        self.min_ngram = int(min_ngram)
+        lookup_drafter(self.max_ngram, self.min_ngram)  # validates them
         self.adaptive = adaptive
         self._draft = draft
         self._models: dict[str, DraftModel] = {}
@@ -517,7 +519,7 @@ class SpeculativeGenerator:
     def drafter(self, kind: str) -> tuple[Drafter, Any]:
         """(Drafter, dparams) for a kind."""
         if kind == "lookup":
-            return lookup_drafter(self.max_ngram), ()
+            return lookup_drafter(self.max_ngram, self.min_ngram), ()
         dm = self.draft_model(kind)
         return model_drafter(dm.cfg, share_prefix=(kind == "self"), name=kind), dm.dparams(self.params)
 
@@ -641,7 +643,8 @@ def speculative_generator(gen: Generator, speculative: str = "none", draft_k: in
 
     The result has Generator's `generate` / `stream` / `results`, so the CLI and `gate.turn.governed_stream`
     use it unchanged, e.g. `gen = speculative_generator(gen, args.speculative, args.draft_k)`.
-    kwargs go to SpeculativeGenerator (draft=, self_layers=, head_vocab=, max_ngram=, adaptive=).
+    kwargs go to SpeculativeGenerator (draft=, self_layers=, head_vocab=, max_ngram=, min_ngram=,
+    adaptive=).
     """
     _check_kind(speculative)
     if speculative == "none":

@@ -259,9 +259,11 @@ def main_part2(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--each", action="store_true", help="also time each gate alone (where the overhead goes)")
     args = ap.parse_args(argv)
 
     from gate import disclosure, grounding
+    from gate.policy import _gate
     from models.loader import load_model
 
     m = load_model(args.model)
@@ -274,20 +276,28 @@ def main_part2(argv=None):
 
     gen = Generator(m.cfg, m.params, stop_ids=tok.stop_ids)
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": SHORT_PROMPT}]))
-    rows = []
+    rows, each = [], []
     for b in [int(x) for x in args.batches.split(",")]:
         prompts = [ids] * b
         state = part2_state(compiled, tok, b, document)
         kw = dict(gate=compiled.gate, policy=compiled.arrays, gate_state=state)
-        _decode_seconds(gen, prompts, args.new)  # compile both
-        _decode_seconds(gen, prompts, args.new, **kw)
-        plain, gated = [], []
-        for _ in range(args.reps):  # interleaved, so drift on a shared machine hits both alike
-            t, n = _decode_seconds(gen, prompts, args.new)
-            plain.append(t / n)
-            t, n = _decode_seconds(gen, prompts, args.new, **kw)
-            gated.append(t / n)
-        rows.append((b, statistics.median(plain) * 1e3, statistics.median(gated) * 1e3))
+        configs = {"ungated": {}, "every gate": kw}
+        if args.each:
+            for i, kind in enumerate(compiled.kinds):
+                configs[kind] = dict(gate=_gate((kind,), compiled.vocab_size, compiled.eos_id),
+                                     policy=(compiled.arrays[i],), gate_state=(state[i],))
+        for c in configs.values():
+            _decode_seconds(gen, prompts, args.new, **c)  # compile
+        times = {name: [] for name in configs}
+        for _ in range(args.reps):  # interleaved, so drift on a shared machine hits all alike
+            for name, c in configs.items():
+                t, n = _decode_seconds(gen, prompts, args.new, **c)
+                times[name].append(t / n)
+        ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+        rows.append((b, ms["ungated"], ms["every gate"]))
+        for name, v in ms.items():
+            if name not in ("ungated", "every gate"):
+                each.append((b, name, v, ms["ungated"]))
 
     def best_ms(fn, reps=20):
         best = float("inf")
@@ -309,6 +319,8 @@ def main_part2(argv=None):
     print(f"{'decode step, every gate on':<30}{'ungated ms':>12}{'gated ms':>10}{'ratio':>8}{'target':>8}")
     for b, p, g in rows:
         print(f"{'batch ' + str(b):<30}{p:>12.2f}{g:>10.2f}{g / p:>8.3f}{'<=1.03':>8}")
+    for b, name, g, p in each:
+        print(f"{'  batch ' + str(b) + ', ' + name + ' alone':<30}{p:>12.2f}{g:>10.2f}{g / p:>8.3f}")
     print(f"\nevidence trie of a {n_doc}-token document ({n_numbers} distinct numbers): {trie_ms:.2f} ms "
           f"(best of 20)")
     print(f"disclosure spans for a batch of 32 rows x 8 spans: {spans_ms:.2f} ms")

@@ -154,19 +154,33 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     running = ~state.done
     raw = logits
     gate_state = state.gate_state
+    rows = jnp.arange(B)
+
+    def gated_sample(mask, has_forced):
+        masked = logits if mask is None else jnp.where(mask, logits, -jnp.inf)
+        # If the gate leaves no admissible token, the row ends with a refusal instead of sampling from garbage.
+        empty = ~jnp.any(jnp.isfinite(masked), axis=-1) & ~has_forced
+        return sample(jnp.where(empty[:, None], 0.0, masked), state.sampling, state.n_out), empty
+
     if gate is not None:
         d = gate.evaluate(policy, gate_state, logits)
         # a gate may fold what it observed at this step (e.g. the entropy it charges) into its state
         gate_state = gate_state if d.state is None else d.state
-        logits = jnp.where(d.mask, logits, -jnp.inf)
         forced = d.forced
+        has_forced = forced != NO_TOKEN
+        # Fast path: when every running row is greedy and the model's own top token is admissible, that token is
+        # the argmax of the masked logits too (the first maximal index overall is the first admissible one), so
+        # the masked copy of the logits, its emptiness test and a second argmax over the vocabulary are skipped.
+        top = ops.argmax(raw)
+        top_admissible = d.mask[rows, top]
+        top_ok = top_admissible & jnp.isfinite(raw[rows, top])
+        fast = jnp.all(~running | (top_ok & (state.sampling.temperature <= 0)))
+        sampled, empty = lax.cond(fast, lambda: (top, jnp.zeros((B,), bool)),
+                                  lambda: gated_sample(d.mask, has_forced))
     else:
         forced = jnp.full((B,), NO_TOKEN, jnp.int32)
-    has_forced = forced != NO_TOKEN
-    # If the gate leaves no admissible token, the row ends with a refusal instead of sampling from garbage.
-    empty = ~jnp.any(jnp.isfinite(logits), axis=-1) & ~has_forced
-    logits = jnp.where(empty[:, None], 0.0, logits)
-    sampled = sample(logits, state.sampling, state.n_out)
+        has_forced = forced != NO_TOKEN
+        sampled, empty = gated_sample(None, has_forced)
     token = jnp.where(has_forced, forced, sampled)
 
     pre_stop = empty
@@ -190,7 +204,6 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
 
     is_stop = running & ~pre_stop & jnp.any(token[:, None] == state.stop_ids, axis=-1)
     emitted = running & ~pre_stop & ~is_stop
-    rows = jnp.arange(B)
     out = state.out.at[rows, jnp.where(emitted, state.n_out, M)].set(token, mode="drop")
     n_out = state.n_out + emitted
     # The emitted token is fed next step at position `lengths`, which must exist.
@@ -208,8 +221,7 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
         raise_v = running & (verdict_now > verdict)
         verdict = jnp.where(raise_v, verdict_now, verdict)
         rule = jnp.where(raise_v, rule_now, rule)
-        top = ops.argmax(raw)
-        blocked = running & ~has_forced & ~d.mask[rows, top]
+        blocked = running & ~has_forced & ~top_admissible
         forced_now = running & has_forced & ~pre_stop
         kind = jnp.where(pre_stop, EVENT_STOP, jnp.where(
             rewritten, EVENT_REWRITE, jnp.where(forced_now, EVENT_FORCE, jnp.where(

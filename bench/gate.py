@@ -199,11 +199,18 @@ def part2_policy(n_phrases: int) -> Policy:
 
 
 def evidence_document(tokenizer, n_tokens: int = 2000) -> str:
-    """A deterministic report-like text of at least `n_tokens` tokens, dense with figures."""
+    """A deterministic report-like text of at least `n_tokens` tokens, dense with figures.
+
+    It opens with the staff's ages (every integer 0..99), so that a small integer the structure gate's schema
+    asks for ("age") is grounded: otherwise the grounding and structure gates can together leave no admissible
+    token (e.g. after "3," in JSON, grounding reads the comma as a thousands separator of "3,xxx") and the
+    gated row ends early with a refusal, which would time a different number of steps than the ungated run.
+    """
     rng = np.random.default_rng(0)
     words = ("revenue", "grew", "in", "the", "quarter", "to", "EUR", "while", "costs", "of", "branches", "staff",
              "were", "and", "margin", "reached", "percent", "compared", "with", "last", "year")
-    parts, text = [], ""
+    parts = ["The", "staff", "were", " ; ".join(str(a) for a in range(100)), "years", "old."]
+    text = ""
     while len(tokenizer.encode(text)) < n_tokens:
         for _ in range(50):
             parts.append(str(rng.choice(words)))
@@ -286,8 +293,11 @@ def main_part2(argv=None):
             for i, kind in enumerate(compiled.kinds):
                 configs[kind] = dict(gate=_gate((kind,), compiled.vocab_size, compiled.eos_id),
                                      policy=(compiled.arrays[i],), gate_state=(state[i],))
-        for c in configs.values():
-            _decode_seconds(gen, prompts, args.new, **c)  # compile
+        for name, c in configs.items():
+            _, n = _decode_seconds(gen, prompts, args.new, **c)  # compile
+            if n != args.new - 1:  # per-step figures over fewer steps would carry more fixed cost per step
+                print(f"warning: batch {b}, {name}: the rows stopped after {n + 1} of {args.new} tokens",
+                      file=sys.stderr)
         times = {name: [] for name in configs}
         for _ in range(args.reps):  # interleaved, so drift on a shared machine hits all alike
             for name, c in configs.items():

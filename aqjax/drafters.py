@@ -204,30 +204,25 @@ def _model_propose(dparams, state: ModelDraftState, last, choose, carry, n_draft
     need = jnp.max(n_draft)
     Vq = dparams["head"].shape[-1]
 
-    def step(c, j):
-        carry, cache, tok = c
+    def run(c):
+        j, carry, cache, tok, toks, cols, q_logps, oks = c
+        # Every draft forward takes two tokens (one traced forward for all steps): at step 0 the pending token (if
+        # any) and `last`, ragged; later the previous draft token (the second slot is not kept).
+        first = j == 0
+        two = jnp.where(first, jnp.stack([jnp.where(state.has_pending, state.pending, last), last], axis=1),
+                        jnp.stack([tok, tok], axis=1))
+        n_new = jnp.where(first, 1 + state.has_pending.astype(jnp.int32), 1)
+        h, cache = forward(model, two, cache, cfg=cfg, n_new=n_new)
+        h = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)[:, 0]
+        carry, nxt, col, q_logp, ok = choose(carry, j, _head(dparams, h), ids)
+        return (j + 1, carry, cache, nxt, toks.at[j].set(nxt), cols.at[j].set(col), q_logps.at[j].set(q_logp),
+                oks.at[j].set(ok))
 
-        def run(args):
-            carry, cache, tok = args
-            # Every draft forward takes two tokens (one traced forward for all steps): at step 0 the pending
-            # token (if any) and `last`, ragged; later the previous draft token (the second slot is not kept).
-            first = j == 0
-            two = jnp.where(first, jnp.stack([jnp.where(state.has_pending, state.pending, last), last], axis=1),
-                            jnp.stack([tok, tok], axis=1))
-            n_new = jnp.where(first, 1 + state.has_pending.astype(jnp.int32), 1)
-            h, cache = forward(model, two, cache, cfg=cfg, n_new=n_new)
-            h = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)[:, 0]
-            carry, nxt, col, q_logp, ok = choose(carry, j, _head(dparams, h), ids)
-            return (carry, cache, nxt), (nxt, col, q_logp, ok)
-
-        def skip(args):
-            return args, (args[2], jnp.zeros((B,), jnp.int32), jnp.full((B, Vq), -jnp.inf, jnp.float32),
-                          jnp.zeros((B,), bool))
-
-        # No row needs draft position j (adaptive draft length, token budget): skip the draft model's forward.
-        return jax.lax.cond(j < need, run, skip, (carry, cache, tok))
-
-    (carry, cache, _), (toks, cols, q_logps, oks) = jax.lax.scan(step, (carry, state.cache, last), jnp.arange(k))
+    # Positions no row needs (adaptive draft length, token budget) are not run: a while loop up to the longest
+    # draft any row asked for (not a cond per position: XLA:CPU copies a conditional's operands, the cache here).
+    init = (jnp.zeros((), jnp.int32), carry, state.cache, last, jnp.zeros((k, B), jnp.int32),
+            jnp.zeros((k, B), jnp.int32), jnp.full((k, B, Vq), -jnp.inf, jnp.float32), jnp.zeros((k, B), bool))
+    _, carry, cache, _, toks, cols, q_logps, oks = jax.lax.while_loop(lambda c: c[0] < need, run, init)
     valid = oks.T & (jnp.arange(k)[None, :] < n_draft[:, None])
     proposal = Proposal(tokens=toks.T, valid=valid, q_logp=q_logps.transpose(1, 0, 2), q_col=cols.T, q_ids=ids)
     return proposal, carry, state.replace(cache=cache)

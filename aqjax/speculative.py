@@ -412,13 +412,19 @@ def spec_until_done(params, dparams, st: SpecState, policy=None, *, cfg, drafter
 
 def spec_chunk(params, dparams, st: SpecState, policy=None, *, cfg, drafter, gate, k, adaptive, n_steps,
                sampled=True) -> SpecState:
-    """Exactly `n_steps` speculative steps (a streaming chunk); steps after every row stopped are no-ops."""
+    """`n_steps` speculative steps (a streaming chunk), fewer when every row has stopped before (a while loop:
+    a cond around the step would copy the KV cache, see `aqjax.decode.decode_chunk`)."""
     step = functools.partial(spec_step, cfg=cfg, drafter=drafter, gate=gate, k=k, adaptive=adaptive, sampled=sampled)
 
-    def body(s, _):
-        return lax.cond(jnp.all(s.dec.done), lambda s: s, lambda s: step(params, dparams, s, policy), s), None
+    def cond(carry):
+        i, s = carry
+        return (i < n_steps) & ~jnp.all(s.dec.done)
 
-    return lax.scan(body, st, None, length=n_steps)[0]
+    def body(carry):
+        i, s = carry
+        return i + 1, step(params, dparams, s, policy)
+
+    return lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]
 
 
 _STATIC = ("cfg", "drafter", "gate", "k", "adaptive", "sampled")

@@ -83,6 +83,72 @@ class EventLog:
                    n=jnp.zeros((batch,), jnp.int32))
 
 
+# OpenAI's floor for a token that has no probability (a token the gate forced or rewrote outside its mask)
+LOGPROB_FLOOR = -9999.0
+
+
+@struct.dataclass
+class LogprobLog:
+    """Per-row log-probabilities of the emitted tokens, written at the same column as `DecodeState.out`.
+
+    Governed semantics: the distribution is the model's raw logits renormalised over the tokens the gate admitted
+    at that step (log_softmax of the masked logits; no temperature or top-p), so a blocked token never appears
+    among the alternatives, and a token the gate forced or rewrote outside its mask gets LOGPROB_FLOOR.
+
+    Attributes:
+      token: Float[B, M] log-probability of the emitted token (0 where not written).
+      top_ids: Int[B, M, K] the K most likely admissible tokens, most likely first (-1: fewer than K admissible).
+      top: Float[B, M, K] their log-probabilities (LOGPROB_FLOOR where top_ids is -1).
+      want: Bool[B] rows whose log-probabilities are recorded (the others cost nothing while no running row
+        wants them).
+    """
+
+    token: Float[Array, "B M"]
+    top_ids: Int[Array, "B M K"]
+    top: Float[Array, "B M K"]
+    want: Bool[Array, "B"]
+
+    @classmethod
+    def empty(cls, batch: int, out_len: int, k: int, want: Any = None) -> "LogprobLog":
+        return cls(token=jnp.zeros((batch, out_len), jnp.float32),
+                   top_ids=jnp.full((batch, out_len, k), -1, jnp.int32),
+                   top=jnp.full((batch, out_len, k), LOGPROB_FLOOR, jnp.float32),
+                   want=jnp.zeros((batch,), bool) if want is None else jnp.asarray(want, bool))
+
+
+def _logprobs_of(raw: Float[Array, "B V"], mask: Bool[Array, "B V"] | None, token: Int[Array, "B"], k: int):
+    """(Float[B] logprob of `token`, Int[B, K] top ids, Float[B, K] top logprobs) over the admitted tokens."""
+    x = raw.astype(jnp.float32)
+    if mask is not None:
+        x = jnp.where(mask, x, -jnp.inf)
+    logp = jax.nn.log_softmax(x, axis=-1)  # a row with nothing admitted is NaN everywhere: floored below
+    chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    chosen = jnp.where(jnp.isfinite(chosen), chosen, LOGPROB_FLOOR)
+    top, ids = lax.top_k(logp, k)
+    ok = jnp.isfinite(top)  # masked tokens (-inf) never appear among the alternatives
+    return chosen, jnp.where(ok, ids, -1).astype(jnp.int32), jnp.where(ok, top, LOGPROB_FLOOR)
+
+
+def _record_logprobs(lp: LogprobLog, running, emitted, n_out, token, raw, mask) -> LogprobLog:
+    """Writes the emitted tokens' log-probabilities for the rows that want them; computed only if some running
+    row wants them (the cond's operands are the [B, V] logits and mask only: XLA:CPU copies a cond's operands)."""
+    B, M, K = lp.top_ids.shape
+
+    def compute(raw, mask, token):
+        return _logprobs_of(raw, mask, token, K)
+
+    def skip(raw, mask, token):
+        return (jnp.zeros((B,), jnp.float32), jnp.full((B, K), -1, jnp.int32),
+                jnp.full((B, K), LOGPROB_FLOOR, jnp.float32))
+
+    chosen, ids, top = lax.cond(jnp.any(lp.want & running), compute, skip, raw, mask, token)
+    rows = jnp.arange(B)
+    col = jnp.where(emitted & lp.want, n_out, M)  # M = out of range: dropped
+    return lp.replace(token=lp.token.at[rows, col].set(chosen, mode="drop"),
+                      top_ids=lp.top_ids.at[rows, col].set(ids, mode="drop"),
+                      top=lp.top.at[rows, col].set(top, mode="drop"))
+
+
 @struct.dataclass
 class DecodeState:
     """Everything the decode loop carries.
@@ -103,6 +169,7 @@ class DecodeState:
       rule: Int[B] the rule behind `verdict` (NO_RULE when none).
       confidence: Float[B] the turn's confidence so far (minimum over steps).
       events: the audit event log (None without a gate).
+      logprobs: the emitted tokens' log-probabilities (`LogprobLog`), or None when not asked for.
     """
 
     cache: KVCache
@@ -120,6 +187,7 @@ class DecodeState:
     confidence: Float[Array, "B"]
     gate_state: Any = None
     events: EventLog | None = None
+    logprobs: LogprobLog | None = None
 
 
 def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"]):
@@ -214,6 +282,10 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     finish = jnp.where(is_stop, FINISH_STOP, finish)
     finish = jnp.where(at_limit, FINISH_LENGTH, finish)
 
+    logprobs = state.logprobs
+    if logprobs is not None:
+        logprobs = _record_logprobs(logprobs, running, emitted, state.n_out, token, raw,
+                                    None if gate is None else d.mask)
     events = state.events
     verdict, rule = state.verdict, state.rule
     if gate is not None:
@@ -245,6 +317,7 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
         rule=rule,
         confidence=confidence,
         events=events,
+        logprobs=logprobs,
     )
 
 
@@ -259,14 +332,18 @@ def start(
     out_len: int,
     gate_state: Any = None,
     policy: Any = None,
+    want_logprobs: Bool[Array, "B"] | None = None,
     *,
     cfg: LlamaConfig,
     gate: Gate | None = None,
+    top_logprobs: int | None = None,
 ) -> DecodeState:
     """Prefills ragged prompts (right-padded to T) and samples each row's first token.
 
     Rows with length 0 are inactive (already done). `cache` is donated when called through `jit_start`.
     With a gate, `gate_state` is the rows' gate state at the start of the turn (None: `gate.init`).
+    `top_logprobs` (static; None: no log) allocates a `LogprobLog` with that many alternatives per token, for
+    the rows in `want_logprobs` (None: every active row).
     """
     B = tokens.shape[0]
     h, cache = forward(params, tokens, cache, cfg=cfg, n_new=lengths)
@@ -289,6 +366,8 @@ def start(
         confidence=jnp.ones((B,), jnp.float32),
         gate_state=(gate.init(policy, B) if gate_state is None else gate_state) if gate is not None else None,
         events=EventLog.empty(B, out_len) if gate is not None else None,
+        logprobs=None if top_logprobs is None else LogprobLog.empty(
+            B, out_len, top_logprobs, active if want_logprobs is None else want_logprobs & active),
     )
     # max_new == 0 ends a row before it samples anything.
     state = state.replace(done=state.done | (state.max_new <= 0),
@@ -338,7 +417,7 @@ def decode_until_done(
 
 
 # Compiled entry points. The cache / state is donated so XLA reuses its buffers in place.
-jit_start = jax.jit(start, static_argnames=("out_len", "cfg", "gate"), donate_argnames=("cache",))
+jit_start = jax.jit(start, static_argnames=("out_len", "cfg", "gate", "top_logprobs"), donate_argnames=("cache",))
 jit_decode_chunk = jax.jit(decode_chunk, static_argnames=("cfg", "n_steps", "gate"), donate_argnames=("state",))
 jit_decode_until_done = jax.jit(decode_until_done, static_argnames=("cfg", "gate"), donate_argnames=("state",))
 

@@ -66,6 +66,14 @@ class GenerationResult:
     rule: int = -1
     confidence: float = 1.0
     events: tuple[GateEvent, ...] = ()
+    # per token (with `top_logprobs`): (logprob, ((id, logprob), ...) most likely first), under the gate's mask
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
+
+
+def logprob_entries(token, top_ids, top, n: int):
+    """One row's first `n` entries of a `LogprobLog` (numpy) as (logprob, ((id, logprob), ...)) per token."""
+    return tuple((float(token[j]), tuple((int(t), float(v)) for t, v in zip(top_ids[j], top[j]) if t >= 0))
+                 for j in range(n))
 
 
 class Generator:
@@ -149,17 +157,22 @@ class Generator:
                    jnp.asarray(max_arr), jnp.asarray(stop_arr), M, gate_state)
 
     def start(self, prompts, sampling=None, max_new_tokens=128, stop_ids=None, *, gate=None, policy=None,
-              gate_state: Any = None):
+              gate_state: Any = None, top_logprobs: int | None = None):
         """Prefills and samples the first token; returns (n_real_rows, DecodeState).
 
         With a gate (`gate.core.Gate`) and its compiled `policy` arrays, every token is gated; `gate_state`
-        (leading axis = number of prompts) restores the rows' state from an earlier turn.
+        (leading axis = number of prompts) restores the rows' state from an earlier turn. `top_logprobs` (None:
+        off) records every emitted token's log-probability and that many alternatives (see `decode.LogprobLog`).
         """
+        if top_logprobs is not None and (not isinstance(top_logprobs, int) or top_logprobs < 0):
+            raise RequestError(f"top_logprobs must be None or a non-negative int, got {top_logprobs!r}")
+        if top_logprobs is not None and top_logprobs > self.cfg.vocab_size:
+            raise RequestError(f"top_logprobs={top_logprobs} exceeds the vocabulary of {self.cfg.vocab_size}")
         n, (tokens, lens, cache, sp, max_arr, stop_arr, M, gate_state) = self._prepare(
             prompts, sampling, max_new_tokens, stop_ids, gate_state
         )
         state = _decode.jit_start(self.params, tokens, lens, cache, sp, max_arr, stop_arr, M, gate_state, policy,
-                                  cfg=self.cfg, gate=gate)
+                                  cfg=self.cfg, gate=gate, top_logprobs=top_logprobs)
         return n, state
 
     # -- running -------------------------------------------------------------------------------------------
@@ -175,13 +188,16 @@ class Generator:
         policy: Any = None,
         gate_state: Any = None,
         return_state: bool = False,
+        top_logprobs: int | None = None,
     ):
         """Generates to completion with one compiled while-loop after the prefill.
 
         Returns the results, or (results, final DecodeState) with return_state (for the gate state/audit).
+        With `top_logprobs` (None: off), each result's `logprobs` holds every token's log-probability under the
+        gate's mask and its `top_logprobs` most likely admissible alternatives.
         """
         n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
-                              gate_state=gate_state)
+                              gate_state=gate_state, top_logprobs=top_logprobs)
         state = _decode.jit_decode_until_done(self.params, state, policy, cfg=self.cfg, gate=gate)
         results = self.results(state, n, [len(p) for p in prompts])
         return (results, state) if return_state else results
@@ -197,10 +213,14 @@ class Generator:
         policy: Any = None,
         gate_state: Any = None,
         chunk_size: int | None = None,
+        top_logprobs: int | None = None,
     ) -> Iterator[tuple[list[list[int]], Any]]:
-        """Yields (new tokens per row, state) after the prefill and after every compiled chunk of steps."""
+        """Yields (new tokens per row, state) after the prefill and after every compiled chunk of steps.
+
+        With `top_logprobs`, the new tokens' log-probabilities are in `state.logprobs` (or `results(state, ...)`).
+        """
         n, state = self.start(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
-                              gate_state=gate_state)
+                              gate_state=gate_state, top_logprobs=top_logprobs)
         chunk = chunk_size or self.chunk_size
         seen = [0] * n
         while True:
@@ -215,8 +235,9 @@ class Generator:
             state = _decode.jit_decode_chunk(self.params, state, policy, cfg=self.cfg, n_steps=chunk, gate=gate)
 
     def results(self, state, n: int, prompt_lengths: Sequence[int]) -> list[GenerationResult]:
-        out, n_out, finish, verdict, rule, conf, ev = jax.device_get(
-            (state.out, state.n_out, state.finish, state.verdict, state.rule, state.confidence, state.events))
+        out, n_out, finish, verdict, rule, conf, ev, lp = jax.device_get(
+            (state.out, state.n_out, state.finish, state.verdict, state.rule, state.confidence, state.events,
+             state.logprobs))
         results = []
         for i in range(n):
             events = ()
@@ -229,5 +250,6 @@ class Generator:
             results.append(GenerationResult(
                 tokens=[int(t) for t in out[i, : n_out[i]]], finish_reason=FINISH_NAMES[int(finish[i])],
                 prompt_tokens=int(prompt_lengths[i]), verdict=int(verdict[i]), rule=int(rule[i]),
-                confidence=float(conf[i]), events=events))
+                confidence=float(conf[i]), events=events,
+                logprobs=None if lp is None else logprob_entries(lp.token[i], lp.top_ids[i], lp.top[i], int(n_out[i]))))
         return results

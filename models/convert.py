@@ -14,8 +14,8 @@ An aqjax checkpoint dir holds:
 
 The manifest is written last, so its presence marks a complete checkpoint (`models.loader` dispatches on it).
 Loading it skips dequantization and, as the params are stored in the compute layout, packing too: with
-`load_orbax(dir, packed=True)` (what the CLI and the server do) the restored arrays are what the engine runs on,
-zero-copy where the host buffers allow (see bench/load.py). `load_orbax(dir)` returns the canonical layout.
+`load_orbax(dir, packed=True)` (what the CLI and the server do) orbax restores straight into the device arrays
+the engine runs on (see bench/load.py). `load_orbax(dir)` returns the canonical layout (unpacked, copies).
 Format v1 checkpoints (canonical layout) still load.
 """
 

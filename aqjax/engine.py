@@ -72,7 +72,7 @@ class GenerationResult:
 
 def logprob_entries(token, top_ids, top, n: int):
     """One row's first `n` entries of a `LogprobLog` (numpy) as (logprob, ((id, logprob), ...)) per token."""
-    return tuple((float(token[j]), tuple((int(t), float(v)) for t, v in zip(top_ids[j], top[j]) if t >= 0))
+    return tuple((float(token[j]), tuple((int(t), float(v)) for t, v in zip(top_ids[j], top[j], strict=True) if t >= 0))
                  for j in range(n))
 
 

@@ -129,9 +129,10 @@ def _logprobs_of(raw: Float[Array, "B V"], mask: Bool[Array, "B V"] | None, toke
     return chosen, jnp.where(ok, ids, -1).astype(jnp.int32), jnp.where(ok, top, LOGPROB_FLOOR)
 
 
-def _record_logprobs(lp: LogprobLog, running, emitted, n_out, token, raw, mask) -> LogprobLog:
+def _record_logprobs(lp: LogprobLog, running, emitted, n_out, token, raw, mask, keep=None) -> LogprobLog:
     """Writes the emitted tokens' log-probabilities for the rows that want them; computed only if some running
-    row wants them (the cond's operands are the [B, V] logits and mask only: XLA:CPU copies a cond's operands)."""
+    row wants them (the cond's operands are the [B, V] logits and mask only: XLA:CPU copies a cond's operands).
+    `keep` (Int[B, K] ids -> Bool[B, K]) drops alternatives the gate would not emit as themselves."""
     B, M, K = lp.top_ids.shape
 
     def compute(raw, mask, token):
@@ -142,6 +143,9 @@ def _record_logprobs(lp: LogprobLog, running, emitted, n_out, token, raw, mask) 
                 jnp.full((B, K), LOGPROB_FLOOR, jnp.float32))
 
     chosen, ids, top = lax.cond(jnp.any(lp.want & running), compute, skip, raw, mask, token)
+    if keep is not None and K > 0:
+        ok = keep(jnp.maximum(ids, 0)) & (ids >= 0)
+        ids, top = jnp.where(ok, ids, -1), jnp.where(ok, top, LOGPROB_FLOOR)
     rows = jnp.arange(B)
     col = jnp.where(emitted & lp.want, n_out, M)  # M = out of range: dropped
     return lp.replace(token=lp.token.at[rows, col].set(chosen, mode="drop"),
@@ -284,8 +288,17 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
 
     logprobs = state.logprobs
     if logprobs is not None:
+        keep = None
+        if gate is not None:
+            # An admitted token that `check` would rewrite (a substitution or refusal starting) or that would end
+            # the row is no alternative either: offering it would reveal what the policy hides. check is pure
+            # and cheap (table lookups), so the K candidates are checked outside the cond.
+            def keep(ids):
+                o = jax.vmap(lambda t: gate.check(policy, gate_state, t), in_axes=1, out_axes=1)(ids)
+                return (o.token == ids) & ~o.stop
+
         logprobs = _record_logprobs(logprobs, running, emitted, state.n_out, token, raw,
-                                    None if gate is None else d.mask)
+                                    None if gate is None else d.mask, keep)
     events = state.events
     verdict, rule = state.verdict, state.rule
     if gate is not None:

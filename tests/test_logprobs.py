@@ -122,3 +122,21 @@ def test_streamed_state_holds_the_same_logprobs(gen):
     for _new, s in gen.stream(PROMPTS, max_new_tokens=9, chunk_size=4, top_logprobs=2):
         state = s
     assert [r.logprobs for r in gen.results(state, 3, [len(p) for p in PROMPTS])] == [r.logprobs for r in one_shot]
+
+
+def test_tokens_the_gate_would_rewrite_are_no_alternatives(gen):
+    """Admitted by the mask but rewritten by `check` (how substitution and refusal rules work): such a token is
+    never offered as an alternative, since that would reveal what the policy hides."""
+    free = gen.generate(PROMPTS, max_new_tokens=6, top_logprobs=6)
+    hidden = [alts[1][0] for r in free for _, alts in r.logprobs]  # each step's runner-up
+
+    def check(policy, state, token):
+        o = Outcome.unchanged(token)
+        return o.replace(token=jnp.where(jnp.any(token[:, None] == policy[None, :], axis=-1), 0, token))
+
+    g = Gate(lambda p, b: jnp.zeros((b,), jnp.int32), lambda p, s, lg: Decision.admit_all(lg.shape[0], CFG.vocab_size),
+             check, lambda p, s, t, e, seen: s + e.astype(s.dtype))
+    res = gen.generate(PROMPTS, max_new_tokens=6, gate=g, policy=jnp.asarray(hidden, jnp.int32), top_logprobs=6)
+    for r in res:
+        assert all(a not in hidden for _, alts in r.logprobs for a, _ in alts)
+        assert all(len(alts) >= 1 for _, alts in r.logprobs)

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving import tools
 from serving.governance import Principal
 from serving.schemas import ChatRequest, CompletionRequest, ErrorResponse, ResponseFormat
-from serving.service import APIError, ChoiceResult, GenerationParams, Service, new_id
+from serving.service import APIError, ChoiceResult, Delta, GenerationParams, Service, new_id
 
 __all__ = ["create_app", "json_object_regex"]
 
@@ -149,8 +149,68 @@ def _common_checks(svc: Service, body) -> None:
         raise APIError(400, "stream_options needs stream: true", param="stream_options")
 
 
+def _top_logprobs(svc: Service, top: int | None, param: str) -> int | None:
+    """The alternatives per token a request asks for (None: no log-probabilities); 400 beyond the engine's K."""
+    if top is None:
+        return None
+    eng = svc.config.engine
+    if not eng.logprobs:
+        raise APIError(400, "this server is configured without logprobs", param=param, code="unsupported_parameter")
+    if top > eng.max_top_logprobs:
+        raise APIError(400, f"{param} must be at most {eng.max_top_logprobs} on this server", param=param)
+    return top
+
+
+class _Logprobs:
+    """OpenAI's logprobs objects for the entries of `Delta.logprobs` (tokens: the tokenizer's string for each single
+    id; bytes: the raw bytes the id stands for). Log-probabilities are governed: the raw model's, renormalised over
+    the tokens the gate admitted at that step; blocked tokens never appear among the alternatives, and a token the
+    gate forced or rewrote outside what it admitted has -9999.0."""
+
+    def __init__(self, svc: Service):
+        self._tok = svc.tokenizer
+        self._bytes = None
+        self._text: dict[int, str] = {}
+
+    def text(self, i: int) -> str:
+        if i not in self._text:
+            self._text[i] = self._tok.decode([i])
+        return self._text[i]
+
+    def raw(self, i: int) -> list[int]:
+        if self._bytes is None:
+            self._bytes = self._tok.token_bytes()
+        return list(self._bytes[i])
+
+    def chat(self, entries) -> dict | None:
+        if entries is None:
+            return None
+        return {"content": [
+            {"token": self.text(t), "logprob": lp, "bytes": self.raw(t),
+             "top_logprobs": [{"token": self.text(a), "logprob": v, "bytes": self.raw(a)} for a, v in alts]}
+            for t, lp, alts in entries], "refusal": None}
+
+    def completion(self, entries, offset: int) -> dict | None:
+        """The legacy shape; text_offset counts characters from `offset` (the length of what precedes)."""
+        if entries is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, alts in entries:
+            text = self.text(t)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            top: dict[str, float] = {}
+            for a, v in alts:
+                top.setdefault(self.text(a), v)  # two ids may decode alike: keep the likelier
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+
 def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_param: str,
-            fragment: dict | None, tool_plan: tools.ToolPlan | None = None) -> GenerationParams:
+            fragment: dict | None, tool_plan: tools.ToolPlan | None = None,
+            top_logprobs: int | None = None) -> GenerationParams:
     return GenerationParams(
         prompt=prompt,
         max_tokens=svc.max_tokens_for(len(prompt), max_tokens, max_param),
@@ -163,6 +223,7 @@ def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_p
         request_fragment=fragment,
         session_fragment=body.session_policy,
         tools=tool_plan,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -202,15 +263,21 @@ async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
         await asyncio.sleep(0.25)
 
 
-async def _collect(svc: Service, call, request: Request) -> tuple[dict[int, str], dict[int, ChoiceResult]]:
+async def _collect(svc: Service, call, request: Request) -> tuple[dict[int, str], dict[int, ChoiceResult],
+                                                                 dict[int, list | None]]:
+    """(text, result, log-probability entries or None) per choice."""
     texts: dict[int, list[str]] = {ch.index: [] for ch in call.choices}
     results: dict[int, ChoiceResult] = {}
+    asked = call.params.top_logprobs is not None
+    logprobs: dict[int, list | None] = {ch.index: [] if asked else None for ch in call.choices}
 
     async def consume():
         async with contextlib.aclosing(svc.events(call)) as events:
             async for kind, i, payload in events:
                 if kind == "delta":
-                    texts[i].append(payload)
+                    texts[i].append(payload.text)
+                    if asked and payload.logprobs is not None:
+                        logprobs[i].extend(payload.logprobs)
                 else:
                     results[i] = payload
 
@@ -220,7 +287,7 @@ async def _collect(svc: Service, call, request: Request) -> tuple[dict[int, str]
         await task
     finally:
         watcher.cancel()
-    return {i: "".join(t) for i, t in texts.items()}, results
+    return {i: "".join(t) for i, t in texts.items()}, results, logprobs
 
 
 def _usage(prompt_len: int, results: dict[int, ChoiceResult]) -> dict:
@@ -325,9 +392,9 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
     async def chat_completions(body: ChatRequest, request: Request, who: Caller):
         svc.check_available()
         _common_checks(svc, body)
-        if body.logprobs or body.top_logprobs:
-            raise APIError(400, "logprobs are not supported by this server yet", param="logprobs",
-                           code="unsupported_parameter")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        top = _top_logprobs(svc, (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs")
         try:
             tool_req = tools.parse_request(body.tools, body.tool_choice, body.parallel_tool_calls)
         except tools.ToolRequestError as e:
@@ -346,15 +413,17 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
         if body.max_completion_tokens is not None:
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         fragment = _request_fragment(body.policy, body.response_format)
-        p = _params(svc, body, prompt, max_tokens, param, fragment, plan)
+        p = _params(svc, body, prompt, max_tokens, param, fragment, plan, top)
         call = await svc.begin(who, p, route="chat")
         rid, created = new_id("chatcmpl"), int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_chat_stream(svc, call, rid, created, len(prompt), usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, results = await _collect(svc, call, request)
-        choices = [{"index": i, "message": _message(texts[i], results[i]), "logprobs": None,
+        texts, results, lps = await _collect(svc, call, request)
+        fmt = _Logprobs(svc)
+        choices = [{"index": i, "message": _message(texts[i], results[i]),
+                    "logprobs": None if results[i].tool_call is not None else fmt.chat(lps[i]),
                     "finish_reason": results[i].finish_reason, "aq": results[i].aq} for i in sorted(results)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": svc.model_name,
                 "choices": choices, "usage": _usage(len(prompt), results), "system_fingerprint": _fingerprint(svc),
@@ -364,9 +433,7 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request, who: Caller):
         svc.check_available()
         _common_checks(svc, body)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported by this server yet", param="logprobs",
-                           code="unsupported_parameter")
+        top = _top_logprobs(svc, body.logprobs, "logprobs")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
         if body.best_of not in (None, body.n):
@@ -388,7 +455,7 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
         p = _params(svc, body, prompt, body.max_tokens if body.max_tokens is not None else 16, "max_tokens",
-                    body.policy or None)
+                    body.policy or None, top_logprobs=top)
         call = await svc.begin(who, p, route="completions")
         rid, created = new_id("cmpl"), int(time.time())
         echo = (prompt_text if prompt_text is not None else svc.tokenizer.decode(prompt)) if body.echo else ""
@@ -396,8 +463,9 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_completion_stream(svc, call, rid, created, len(prompt), usage, echo),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, results = await _collect(svc, call, request)
-        choices = [{"index": i, "text": echo + texts[i], "logprobs": None,
+        texts, results, lps = await _collect(svc, call, request)
+        fmt = _Logprobs(svc)
+        choices = [{"index": i, "text": echo + texts[i], "logprobs": fmt.completion(lps[i], len(echo)),
                     "finish_reason": results[i].finish_reason, "aq": results[i].aq} for i in sorted(results)]
         return {"id": rid, "object": "text_completion", "created": created, "model": svc.model_name,
                 "choices": choices, "usage": _usage(len(prompt), results), "system_fingerprint": _fingerprint(svc),
@@ -493,8 +561,11 @@ def _chat_stream(svc: Service, call, rid: str, created: int, prompt_len: int, us
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
             "system_fingerprint": _fingerprint(svc)}
 
-    def chunk(i, text):
-        return {**base, "choices": [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]}
+    fmt = _Logprobs(svc)
+
+    def chunk(i, d: Delta):
+        return {**base, "choices": [{"index": i, "delta": {"content": d.text}, "logprobs": fmt.chat(d.logprobs),
+                                     "finish_reason": None}]}
 
     def done(i, r: ChoiceResult):
         out = []
@@ -522,8 +593,13 @@ def _completion_stream(svc: Service, call, rid: str, created: int, prompt_len: i
     base = {"id": rid, "object": "text_completion", "created": created, "model": svc.model_name,
             "system_fingerprint": _fingerprint(svc)}
 
-    def chunk(i, text):
-        return {**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
+    fmt = _Logprobs(svc)
+    offsets: dict[int, int] = {}  # characters sent so far per choice (text_offset)
+
+    def chunk(i, d: Delta):
+        lp = fmt.completion(d.logprobs, offsets.get(i, 0))
+        offsets[i] = offsets.get(i, 0) + len(d.text)
+        return {**base, "choices": [{"index": i, "text": d.text, "logprobs": lp, "finish_reason": None}]}
 
     def done(i, r: ChoiceResult):
         return [{**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": r.finish_reason}],
@@ -535,7 +611,7 @@ def _completion_stream(svc: Service, call, rid: str, created: int, prompt_len: i
     async def gen():
         if echo:
             for ch in call.choices:
-                yield _sse(chunk(ch.index, echo))
+                yield _sse(chunk(ch.index, Delta(echo)))
         async for b in _stream(svc, call, chunk, done, usage_of if usage else None):
             yield b
 

@@ -24,6 +24,8 @@
     prefill_budget = 512
     min_active_slots = 8
     max_queue = 32
+    logprobs = true                 # per-slot log-probability buffers (allocated once)
+    max_top_logprobs = 20           # the most alternatives per token a request may ask for
 
     [[keys]]                        # one per API key; only its SHA-256 is stored
     sha256 = "<hex digest>"         # python -m serving.main --hash-key KEY

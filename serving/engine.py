@@ -54,7 +54,7 @@ from jax import lax
 
 from aqjax import decode as _decode
 from aqjax.cache import KVCache
-from aqjax.engine import EVENT_NAMES, FINISH_NAMES, GateEvent, bucket
+from aqjax.engine import EVENT_NAMES, FINISH_NAMES, GateEvent, bucket, logprob_entries
 from aqjax.sampling import SamplingConfig, SamplingParams
 from gate.core import keep_rows
 from models.config import LlamaConfig
@@ -99,6 +99,9 @@ class EngineConfig:
         free slot. Set it to `slots` to always decode the whole batch (one compiled chunk instead of several).
       max_stop_ids: per-request stop tokens (padded to this many).
       governed: run the per-slot gate (False: no gate at all, the baseline for benchmarks).
+      logprobs: keep per-slot log-probability buffers, so requests may ask for log-probabilities (computed only
+        at steps where some running slot wants them; allocated once, no request recompiles anything).
+      max_top_logprobs: K, the most alternatives per token a request may ask for (OpenAI allows 20).
     """
 
     slots: int = 8
@@ -111,6 +114,8 @@ class EngineConfig:
     min_active_slots: int = 8
     max_stop_ids: int = 8
     governed: bool = True
+    logprobs: bool = True
+    max_top_logprobs: int = 20
 
     def __post_init__(self):
         for name in ("slots", "max_len", "chunk_steps", "prefill_chunk", "min_prompt_bucket", "max_stop_ids",
@@ -121,6 +126,8 @@ class EngineConfig:
             raise ValueError("EngineConfig.prefill_budget must be >= 0")
         if self.max_queue < 0:
             raise ValueError("EngineConfig.max_queue must be >= 0")
+        if self.max_top_logprobs < 0:
+            raise ValueError("EngineConfig.max_top_logprobs must be >= 0")
         if self.prefill_chunk & (self.prefill_chunk - 1) or self.prefill_chunk < self.min_prompt_bucket:
             raise ValueError("EngineConfig.prefill_chunk must be a power of two >= min_prompt_bucket")
 
@@ -131,9 +138,14 @@ class EngineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Tokens:
-    """New tokens of a request (in order; the concatenation of all Tokens events is the output)."""
+    """New tokens of a request (in order; the concatenation of all Tokens events is the output).
+
+    logprobs: for a request with `top_logprobs`, one (logprob, ((id, logprob), ...)) per token, under the gate's
+    mask (see `aqjax.decode.LogprobLog`); None otherwise.
+    """
 
     tokens: list[int]
+    logprobs: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +206,8 @@ class EngineRequest:
         saved state), or None for a fresh one.
       authority_state: the turn's authority-gate state (numpy `AuthorityState` with leading axis 1, see
         `gating.authority_row`: principal, tool mode, tools offered, quotas spent), or None: no tool call.
+      top_logprobs: None (no log-probabilities), or the alternatives per token (<= config.max_top_logprobs) that
+        its Tokens events carry with every token's log-probability.
     """
 
     prompt: Sequence[int]
@@ -204,6 +218,7 @@ class EngineRequest:
     policy: gating.SlotPolicy | None = None
     phrase_state: Any = None
     authority_state: Any = None
+    top_logprobs: int | None = None
     # engine bookkeeping
     id: int = -1
     submitted: float = 0.0
@@ -257,7 +272,7 @@ def _prefill_piece(params: Params, state: _decode.DecodeState, slot, tokens, off
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gate"), donate_argnames=("state", "table"))
 def _insert(params: Params, state: _decode.DecodeState, table, slot, tokens, n, offset, sampling: SamplingParams,
-            max_new, stop_ids, restore, phrase_state, authority_state, row_table, *, cfg: LlamaConfig, gate):
+            max_new, stop_ids, restore, phrase_state, authority_state, row_table, want, *, cfg: LlamaConfig, gate):
     """Prefills the last (or only) piece of a prompt on `slot`, samples its first token, and installs the row.
 
     Args:
@@ -268,9 +283,11 @@ def _insert(params: Params, state: _decode.DecodeState, table, slot, tokens, n, 
       restore: Bool[1] start the phrase gate from `phrase_state` instead of its initial state.
       authority_state: the authority gate's state for the turn (leading axis 1).
       row_table: the request's policy entry (leading axis 1), None when ungoverned.
+      want: Bool[1] record the row's log-probabilities (ignored when the state keeps none).
 
     Returns:
-      (state, table, Int[4] first token or -1, n_out, done, finish).
+      (state, table, Int[4 + 1 + 2K] first token or -1, n_out, done, finish, then with log-probability buffers
+      the first token's logprob, top ids and top logprobs (floats bitcast to int32), gate state before).
     """
     M = state.out.shape[1]
     row_cache = _cache_row(state.cache, slot, offset)
@@ -278,15 +295,41 @@ def _insert(params: Params, state: _decode.DecodeState, table, slot, tokens, n, 
     if gate is not None:
         phrases, structure, _ = gate.init(row_table, 1)
         gate_state = (keep_rows(restore, phrase_state, phrases), structure, authority_state)
-    row = _decode.start(params, tokens, n, row_cache, sampling, max_new, stop_ids, M, gate_state, row_table,
-                        cfg=cfg, gate=gate)
+    K = None if state.logprobs is None else state.logprobs.top_ids.shape[-1]
+    row = _decode.start(params, tokens, n, row_cache, sampling, max_new, stop_ids, M, gate_state, row_table, want,
+                        cfg=cfg, gate=gate, top_logprobs=K)
     fields = {f.name: _put_rows(getattr(state, f.name), getattr(row, f.name), slot)
               for f in dataclasses.fields(state) if f.name not in ("cache", "step")}
     state = state.replace(cache=_put_cache_row(state.cache, row.cache, slot), **fields)
     if table is not None:
         table = _put_rows(table, row_table, slot)
     first = jnp.where(row.n_out[0] > 0, row.out[0, 0], -1)
-    return state, table, jnp.stack([first, row.n_out[0], row.done[0].astype(jnp.int32), row.finish[0]]), gate_state
+    packed = jnp.stack([first, row.n_out[0], row.done[0].astype(jnp.int32), row.finish[0]])
+    if row.logprobs is not None:
+        packed = jnp.concatenate([packed, _pack_logprobs(row.logprobs, jnp.zeros((1, 1), jnp.int32))[0]])
+    return state, table, packed, gate_state
+
+
+def _pack_logprobs(lp: _decode.LogprobLog, idx) -> jax.Array:
+    """Int[R, N * (1 + 2K)]: the logprobs, top ids and top logprobs at columns idx [R, N] (clipped), floats
+    bitcast to int32 so that they travel in the same packed array as the tokens."""
+    R, N = idx.shape
+    M = lp.token.shape[1]
+    idx = jnp.minimum(idx, M - 1)
+    f2i = functools.partial(lax.bitcast_convert_type, new_dtype=jnp.int32)
+    token = jnp.take_along_axis(lp.token, idx, axis=1)
+    ids = jnp.take_along_axis(lp.top_ids, idx[:, :, None], axis=1)
+    top = jnp.take_along_axis(lp.top, idx[:, :, None], axis=1)
+    return jnp.concatenate([f2i(token), ids.reshape(R, -1), f2i(top).reshape(R, -1)], axis=1)
+
+
+def _unpack_logprobs(row: np.ndarray, n: int, k: int, keep: int) -> tuple:
+    """The host side of `_pack_logprobs` for one row: n tuples (logprob, ((id, logprob), ...)), `keep` alternatives."""
+    token = row[:n].view(np.float32)
+    ids = row[n: n + n * k].reshape(n, k)
+    top = row[n + n * k: n + 2 * n * k].view(np.float32).reshape(n, k)
+    return tuple((float(token[j]), tuple((int(t), float(v)) for t, v in zip(ids[j, :keep], top[j, :keep], strict=True)
+                                          if t >= 0)) for j in range(n))
 
 
 def _prefix(state: _decode.DecodeState, rows: int) -> _decode.DecodeState:
@@ -307,9 +350,10 @@ def _put_prefix(state: _decode.DecodeState, sub: _decode.DecodeState) -> _decode
 @functools.partial(jax.jit, static_argnames=("cfg", "gate", "n_steps", "rows"), donate_argnames=("state",))
 def _chunk(params: Params, state: _decode.DecodeState, table, *, cfg: LlamaConfig, gate, n_steps: int, rows: int):
     """`n_steps` decode steps over the first `rows` slots (every decoding slot is among them; the others are
-    free or still prefilling); returns (state, Int[rows, n_steps + 3]).
+    free or still prefilling); returns (state, Int[rows, n_steps + 3 (+ n_steps * (1 + 2K))]).
 
-    Row b of the packed array: the tokens slot b emitted in this chunk (-1 padded), then n_out, done, finish.
+    Row b of the packed array: the tokens slot b emitted in this chunk (-1 padded), then n_out, done, finish, then
+    with log-probability buffers the new tokens' log-probabilities (see `_pack_logprobs`).
     Decoding a prefix bucket instead of all B slots makes a lightly loaded batch cheap.
     """
     B = state.done.shape[0]
@@ -321,21 +365,24 @@ def _chunk(params: Params, state: _decode.DecodeState, table, *, cfg: LlamaConfi
     idx = before[:, None] + jnp.arange(n_steps, dtype=jnp.int32)[None, :]
     new = jnp.take_along_axis(sub.out, jnp.minimum(idx, M - 1), axis=1)
     new = jnp.where(idx < sub.n_out[:, None], new, -1)
-    packed = jnp.concatenate(
-        [new, sub.n_out[:, None], sub.done[:, None].astype(jnp.int32), sub.finish[:, None]], axis=1)
+    parts = [new, sub.n_out[:, None], sub.done[:, None].astype(jnp.int32), sub.finish[:, None]]
+    if sub.logprobs is not None:  # then each new token's logprob, top ids and top logprobs (`_unpack_logprobs`)
+        parts.append(_pack_logprobs(sub.logprobs, idx))
+    packed = jnp.concatenate(parts, axis=1)
     return (_put_prefix(state, sub) if rows < B else sub), packed
 
 
 @jax.jit
 def _take_row(state: _decode.DecodeState, slot):
-    """A slot's results: (out, n_out, finish, verdict, rule, confidence, events, gate_state), leading axis 1."""
+    """A slot's results: (out, n_out, finish, verdict, rule, confidence, events, gate_state, logprobs), leading
+    axis 1."""
 
     def row(x):
         return lax.dynamic_slice_in_dim(x, slot, 1, axis=0)
 
     pick = functools.partial(jax.tree.map, row)
     return (row(state.out), row(state.n_out), row(state.finish), row(state.verdict), row(state.rule),
-            row(state.confidence), pick(state.events), pick(state.gate_state))
+            row(state.confidence), pick(state.events), pick(state.gate_state), pick(state.logprobs))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -417,7 +464,8 @@ class Engine:
             sampling=SamplingParams.from_configs([SamplingConfig()] * B), step=jnp.zeros((), jnp.int32),
             verdict=i32(), rule=jnp.full((B,), -1, jnp.int32), confidence=jnp.ones((B,), jnp.float32),
             gate_state=None if self.gate is None else self.gate.init(self._table, B),
-            events=None if self.gate is None else _decode.EventLog.empty(B, M))
+            events=None if self.gate is None else _decode.EventLog.empty(B, M),
+            logprobs=_decode.LogprobLog.empty(B, M, c.max_top_logprobs) if c.logprobs else None)
         # distinct buffers for every leaf (EventLog.empty shares one array between fields): the state is donated
         return jax.tree.map(jnp.copy, state)
 
@@ -483,6 +531,11 @@ class Engine:
             raise ValueError(f"at most {self.config.max_stop_ids} stop tokens")
         if req.policy is not None and self.gate is None:
             raise ValueError("this engine runs ungoverned; it cannot apply a policy")
+        if req.top_logprobs is not None:
+            if not self.config.logprobs:
+                raise ValueError("this engine keeps no log-probabilities")
+            if not 0 <= req.top_logprobs <= self.config.max_top_logprobs:
+                raise ValueError(f"top_logprobs must be in [0, {self.config.max_top_logprobs}]")
         if req.authority_state is not None and (req.policy is None or req.policy.authority is None):
             raise ValueError("a tool turn needs a policy that defines tools")
         if any(not 0 <= int(t) < self.cfg.vocab_size for t in req.prompt):
@@ -750,8 +803,10 @@ class Engine:
         self._state, self._table, packed, before = _insert(
             self.params, self._state, self._table, jnp.int32(i), jnp.asarray(tokens), jnp.asarray([left], jnp.int32),
             jnp.int32(s.offset), SamplingParams.from_configs([req.sampling]), jnp.asarray([req.max_new], jnp.int32),
-            jnp.asarray(stop_arr), restore, phrase_state, authority_state, row_table, cfg=self.cfg, gate=self.gate)
-        first, n_out, done, _ = (int(x) for x in np.asarray(packed))
+            jnp.asarray(stop_arr), restore, phrase_state, authority_state, row_table,
+            jnp.asarray([req.top_logprobs is not None]), cfg=self.cfg, gate=self.gate)
+        packed = np.asarray(packed)
+        first, n_out, done, _ = (int(x) for x in packed[:4])
         s.state_before = None if before is None else jax.tree.map(np.asarray, before)
         s.offset = len(req.prompt)
         s.decoding = True
@@ -759,7 +814,7 @@ class Engine:
         now = time.monotonic()
         if n_out:
             s.first_token = now
-            self._emit(s, [first])
+            self._emit(s, [first], self._logprobs(req, packed[4:], 1))
         if done:
             self._finish(i, s)
 
@@ -780,7 +835,7 @@ class Engine:
             if new:
                 if s.first_token is None:
                     s.first_token = now
-                self._emit(s, new)
+                self._emit(s, new, self._logprobs(s.req, packed[i, n_steps + 3:], n_steps, len(new)))
             if packed[i, n_steps + 1]:
                 self._finish(i, s)
         self.chunks += 1
@@ -802,21 +857,31 @@ class Engine:
                 return out
             n = r + 1
 
-    def _emit(self, s: _Slot, tokens: list[int]) -> None:
+    def _logprobs(self, req: EngineRequest, row: np.ndarray, n: int, used: int | None = None) -> tuple | None:
+        """A request's log-probabilities from a packed row (n steps packed, the first `used` of them real)."""
+        if req.top_logprobs is None:
+            return None
+        return _unpack_logprobs(row, n, self.config.max_top_logprobs, req.top_logprobs)[:used]
+
+    def _emit(self, s: _Slot, tokens: list[int], logprobs: tuple | None = None) -> None:
         s.tokens.extend(tokens)
         s.seen += len(tokens)
         self.generated_tokens += len(tokens)
-        _deliver(s.req, Tokens(tokens))
+        _deliver(s.req, Tokens(tokens, logprobs))
 
     def _finish(self, i: int, s: _Slot, reason: str | None = None) -> None:
-        out, n_out, finish, verdict, rule, conf, ev, gate_state = jax.device_get(
+        out, n_out, finish, verdict, rule, conf, ev, gate_state, lp = jax.device_get(
             _take_row(self._state, jnp.int32(i)))
         n = int(n_out[0])
         tokens = [int(t) for t in out[0, :n]]
         if tokens[: len(s.tokens)] != s.tokens:  # the streamed tokens are the row's output, always
             raise AssertionError(f"slot {i}: streamed tokens diverge from the output buffer")
         if len(tokens) > len(s.tokens):
-            self._emit(s, tokens[len(s.tokens):])
+            rest = None
+            if lp is not None and s.req.top_logprobs is not None:
+                rest = logprob_entries(lp.token[0], lp.top_ids[0, :, : s.req.top_logprobs],
+                                       lp.top[0, :, : s.req.top_logprobs], n)[len(s.tokens):]
+            self._emit(s, tokens[len(s.tokens):], rest)
         events = ()
         if ev is not None:
             events = tuple(

@@ -48,7 +48,7 @@ from serving.engine import Draining, Engine, EngineRequest, Failed, Finished, Qu
 from serving.governance import AuditTrail, PolicyBook, Principal, SessionStore, is_loosening
 from serving.metrics import Metrics
 
-__all__ = ["APIError", "ChoiceResult", "GenerationParams", "Service", "StopScanner"]
+__all__ = ["APIError", "ChoiceResult", "Delta", "GenerationParams", "Service", "StopScanner"]
 
 log = logging.getLogger("aqjax.serving")
 
@@ -100,6 +100,7 @@ class GenerationParams:
     request_fragment: dict | None = None
     session_fragment: dict | None = None
     tools: tools.ToolPlan | None = None
+    top_logprobs: int | None = None  # None: no log-probabilities; else alternatives per token
 
 
 @dataclasses.dataclass
@@ -112,6 +113,17 @@ class ChoiceResult:
     completion_tokens: int
     aq: dict | None
     tool_call: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """Text that went out, and (when asked for) the log-probabilities of the tokens behind it: one
+    (id, logprob, ((id, logprob), ...)) per token. A token whose text is held back (a possible stop string, a
+    possible tool call) has its entry sent with the text that follows it; the entries of text that never goes out
+    (after a stop string, a tool call's text) are never sent."""
+
+    text: str
+    logprobs: tuple | None = None
 
 
 class StopScanner:
@@ -157,6 +169,13 @@ class _Choice:
     done: bool = False
     last_event: float = 0.0
     hold: tools.CallHold | None = None  # a tool turn: text that may be a call waits for the action boundary
+    logprobs: list | None = None  # entries of tokens whose text has not gone out yet (None: not asked for)
+
+    def delta(self, text: str) -> Delta:
+        entries = None
+        if self.logprobs is not None:
+            entries, self.logprobs = tuple(self.logprobs), []
+        return Delta(text, entries)
 
 
 @dataclasses.dataclass(eq=False)
@@ -447,7 +466,7 @@ class Service:
             raise
 
     async def events(self, call: _Call) -> AsyncIterator[tuple]:
-        """Yields ("delta", index, text) and ("done", index, ChoiceResult) until every choice is done.
+        """Yields ("delta", index, Delta) and ("done", index, ChoiceResult) until every choice is done.
 
         Raises APIError when the engine fails. Closing the iterator early (the client went away) cancels the
         call's engine requests; what they emitted is still audited, in the background.
@@ -479,9 +498,10 @@ class Service:
             sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, seed=(base_seed + i) % 2**63)
             req = EngineRequest(prompt=p.prompt, max_new=p.max_tokens, sink=sink, sampling=sampling,
                                 policy=slot_policy, phrase_state=phrase_state if i == 0 else None,
-                                authority_state=authority_state)
+                                authority_state=authority_state, top_logprobs=p.top_logprobs)
             hold = tools.CallHold() if authority_state is not None else None
-            call.choices.append(_Choice(i, req, StreamDecoder(self.tokenizer), StopScanner(p.stop), hold=hold))
+            call.choices.append(_Choice(i, req, StreamDecoder(self.tokenizer), StopScanner(p.stop), hold=hold,
+                                        logprobs=None if p.top_logprobs is None else []))
         submitted = []
         try:
             for ch in call.choices:
@@ -525,6 +545,9 @@ class Service:
                     self.metrics.completion_tokens.inc(len(event.tokens))
                     if ch.stopped:
                         continue
+                    if ch.logprobs is not None and event.logprobs is not None:
+                        ch.logprobs.extend((t, lp, alts) for t, (lp, alts) in
+                                           zip(event.tokens, event.logprobs, strict=True))
                     text = ch.decoder.push(event.tokens)
                     if ch.hold is not None:
                         text = ch.hold.push(text)
@@ -533,7 +556,7 @@ class Service:
                         ch.stopped = True
                         self.engine.cancel(ch.req)
                     if text:
-                        yield ("delta", i, text)
+                        yield ("delta", i, ch.delta(text))
                 elif isinstance(event, Finished):
                     pending.discard(i)
                     ch.done = True
@@ -544,12 +567,15 @@ class Service:
                         text, hit = ch.stopper.push(tail)
                         ch.stopped = ch.stopped or hit
                         text += "" if hit else ch.stopper.flush()
-                        if text:
-                            yield ("delta", i, text)
+                        if ch.hold is not None and ch.hold.held:
+                            ch.logprobs = None if ch.logprobs is None else []  # held text never goes out
+                        if text or ch.logprobs:
+                            yield ("delta", i, ch.delta(text))
                     result = await self._commit(call, ch, event.result)
                     if ch.hold is not None and ch.hold.held and result.tool_call is None:
                         # a call that was not admitted: the client gets the refusal, never the call's text
-                        yield ("delta", i, call.slot_policy.compiled.policy.messages["refusal"])
+                        yield ("delta", i, Delta(call.slot_policy.compiled.policy.messages["refusal"],
+                                                 None if ch.logprobs is None else ()))
                     yield ("done", i, result)
                 elif isinstance(event, Failed):
                     pending.discard(i)

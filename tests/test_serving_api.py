@@ -347,3 +347,50 @@ def test_a_stream_that_fails_sends_an_error_event_then_done(server):
     while (svc.engine.queue_depth or svc.engine.busy_slots) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert svc.engine.queue_depth == svc.engine.busy_slots == 0  # the failed call's request was dropped
+
+
+# ------------------------------------------------------------------------------------------------------ logprobs
+
+
+def test_chat_logprobs_in_openai_shape_stream_and_not(server):
+    svc, url = server
+    assert chat(client(url)).choices[0].logprobs is None  # off unless asked for
+    compiled = svc.engine.compile_counts()  # the same request without logprobs compiled everything it needs
+    r = chat(client(url), logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == ANSWER
+    assert len(content) == r.usage.completion_tokens == len(ANSWER)  # one character per token
+    assert "".join(c.token for c in content) == ANSWER
+    for c in content:
+        assert bytes(c.bytes).decode() == c.token and c.logprob <= 0 and len(c.top_logprobs) <= 3
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+    # governed: the "r" that would complete "pqr" was blocked, so it is no alternative where it was
+    at = ANSWER.index("[")
+    assert "r" not in [t.token for t in content[at].top_logprobs] and content[at].token == "["
+    stream = list(chat(client(url), stream=True, logprobs=True, top_logprobs=2))
+    streamed = [e for ch in stream if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
+    assert all(len(e.top_logprobs) <= 2 for e in streamed)
+    for ch in stream:  # each delta carries the entries of the tokens behind its text
+        if ch.choices and ch.choices[0].logprobs:
+            assert "".join(e.token for e in ch.choices[0].logprobs.content) == ch.choices[0].delta.content
+    assert svc.engine.compile_counts() == compiled  # logprobs recompile nothing
+
+
+def test_completion_logprobs_and_bounds(server):
+    _, url = server
+    r = client(url).completions.create(model="mock", prompt="say 1", max_tokens=5, temperature=0, logprobs=2,
+                                       echo=True)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "say 123456" and "".join(lp.tokens) == "23456"
+    assert lp.text_offset == [5, 6, 7, 8, 9] and len(lp.token_logprobs) == 5
+    assert all(len(top) <= 2 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
+    r = client(url).completions.create(model="mock", prompt="say 1", max_tokens=3, temperature=0, logprobs=0)
+    assert r.choices[0].logprobs.top_logprobs == [{}, {}, {}]
+    with pytest.raises(openai.BadRequestError):
+        client(url).completions.create(model="mock", prompt="x", max_tokens=3, logprobs=6)
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client(url), top_logprobs=2)  # without logprobs: true, as OpenAI answers
+    assert e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError):
+        chat(client(url), logprobs=True, top_logprobs=21)

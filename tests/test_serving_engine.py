@@ -278,3 +278,63 @@ def test_a_row_in_the_batch_equals_the_same_row_alone():
     alone = gen.generate([r[0] for r in reqs], [r[2] for r in reqs], [r[1] for r in reqs])
     for sink, want in zip(sinks, alone, strict=True):
         assert sink.tokens == want.tokens
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+
+
+class LogprobSink(Sink):
+    def __init__(self):
+        super().__init__()
+        self.logprobs = []
+
+    def __call__(self, event):
+        if isinstance(event, Tokens) and event.logprobs is not None:
+            assert len(event.logprobs) == len(event.tokens)
+            self.logprobs += event.logprobs
+        super().__call__(event)
+
+
+def test_logprobs_ride_with_the_tokens_are_governed_and_recompile_nothing(mock, make_engine, policies):
+    import jax.numpy as jnp
+
+    from aqjax import decode
+
+    engine = make_engine()
+    engine.warmup()
+    compiled = engine.compile_counts()
+    prompt = chat_prompt(mock)
+    plain = submit(engine, prompt, 40)
+    wants, gated = LogprobSink(), LogprobSink()
+    engine.submit(EngineRequest(prompt=prompt, max_new=40, sink=wants, top_logprobs=5))
+    engine.submit(EngineRequest(prompt=prompt, max_new=40, sink=gated, top_logprobs=3, policy=policies["suppress"]))
+    run_until_done(engine, [plain, wants, gated])
+    assert engine.compile_counts() == compiled  # asking for logprobs recompiled nothing
+    assert wants.tokens == plain.tokens and len(wants.logprobs) == len(wants.tokens) > 0
+    # against an independent teacher-forced pass: the raw logits' log_softmax (this request has no policy)
+    logits = decode.score(engine.params, jnp.asarray([prompt + wants.tokens]), cfg=mock.cfg)[0].astype(jnp.float32)
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))[len(prompt) - 1:]
+    for j, (t, (lp, alts)) in enumerate(zip(wants.tokens, wants.logprobs, strict=True)):
+        np.testing.assert_allclose(lp, ref[j, t], atol=1e-4)
+        vals = [v for _, v in alts]
+        assert len(alts) == 5 and vals == sorted(vals, reverse=True)
+        np.testing.assert_allclose(vals, ref[j, [a for a, _ in alts]], atol=1e-4)
+    # governed: "def" is suppressed, and no alternative offered at any step would have completed it
+    tok = mock.tokenizer
+    assert len(gated.logprobs) == len(gated.tokens) and "def" not in tok.decode(gated.tokens)
+    for j, (lp, alts) in enumerate(gated.logprobs):
+        before = tok.decode(gated.tokens[:j])
+        assert 0 < len(alts) <= 3 and lp <= 0
+        assert all("def" not in before + tok.decode([a]) for a, _ in alts), (before, alts)
+
+
+def test_an_engine_without_logprob_buffers_refuses_them(mock):
+    import dataclasses
+
+    engine = Engine(mock.cfg, mock.params, dataclasses.replace(CONFIG, logprobs=False))
+    assert engine._state.logprobs is None
+    with pytest.raises(ValueError, match="log-probabilities"):
+        engine.submit(EngineRequest(prompt=[1, 2], max_new=2, sink=Sink(), top_logprobs=0))
+    with pytest.raises(ValueError, match="top_logprobs"):
+        make = Engine(mock.cfg, mock.params, CONFIG)
+        make.submit(EngineRequest(prompt=[1, 2], max_new=2, sink=Sink(), top_logprobs=CONFIG.max_top_logprobs + 1))

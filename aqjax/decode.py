@@ -93,7 +93,8 @@ class LogprobLog:
 
     Governed semantics: the distribution is the model's raw logits renormalised over the tokens the gate admitted
     at that step (log_softmax of the masked logits; no temperature or top-p), so a blocked token never appears
-    among the alternatives, and a token the gate forced or rewrote outside its mask gets LOGPROB_FLOOR.
+    among the alternatives, and a token the gate forced or rewrote outside its mask gets LOGPROB_FLOOR. Nor does a
+    token the gate's check would rewrite or stop on, and a step whose token the gate forced has no alternatives.
 
     Attributes:
       token: Float[B, M] log-probability of the emitted token (0 where not written).
@@ -291,11 +292,12 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
         keep = None
         if gate is not None:
             # An admitted token that `check` would rewrite (a substitution or refusal starting) or that would end
-            # the row is no alternative either: offering it would reveal what the policy hides. check is pure
-            # and cheap (table lookups), so the K candidates are checked outside the cond.
+            # the row is no alternative either: offering it would reveal what the policy hides. Nor is anything at
+            # a step whose token the gate forced (a message under way: the model may still want the hidden
+            # phrase there). check is pure and cheap (table lookups): the K candidates are checked outside the cond.
             def keep(ids):
                 o = jax.vmap(lambda t: gate.check(policy, gate_state, t), in_axes=1, out_axes=1)(ids)
-                return (o.token == ids) & ~o.stop
+                return (o.token == ids) & ~o.stop & ~has_forced[:, None]
 
         logprobs = _record_logprobs(logprobs, running, emitted, state.n_out, token, raw,
                                     None if gate is None else d.mask, keep)

@@ -164,8 +164,9 @@ def _top_logprobs(svc: Service, top: int | None, param: str) -> int | None:
 class _Logprobs:
     """OpenAI's logprobs objects for the entries of `Delta.logprobs` (tokens: the tokenizer's string for each single
     id; bytes: the raw bytes the id stands for). Log-probabilities are governed: the raw model's, renormalised over
-    the tokens the gate admitted at that step; blocked tokens never appear among the alternatives, and a token the
-    gate forced or rewrote outside what it admitted has -9999.0."""
+    the tokens the gate admitted at that step; blocked tokens (or ones the gate would rewrite) never appear among
+    the alternatives, a step whose token the gate forced offers none, and a token the gate forced or rewrote
+    outside what it admitted has -9999.0."""
 
     def __init__(self, svc: Service):
         self._tok = svc.tokenizer

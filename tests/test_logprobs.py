@@ -106,6 +106,7 @@ def test_forced_or_rewritten_token_outside_the_mask_gets_the_floor(gen):
         assert r.tokens[1:] == [3, 3, 3]
         assert r.logprobs[0][0] > decode.LOGPROB_FLOOR and r.tokens[0] % 2 == 0
         assert [lp for lp, _ in r.logprobs[1:]] == [decode.LOGPROB_FLOOR] * 3
+        assert len(r.logprobs[0][1]) == 3 and all(alts == () for _, alts in r.logprobs[1:])  # forced: none offered
         assert all(i % 2 == 0 for _, alts in r.logprobs for i, _ in alts)
 
 
@@ -140,3 +141,26 @@ def test_tokens_the_gate_would_rewrite_are_no_alternatives(gen):
     for r in res:
         assert all(a not in hidden for _, alts in r.logprobs for a, _ in alts)
         assert all(len(alts) >= 1 for _, alts in r.logprobs)
+
+
+@pytest.mark.slow
+def test_real_model_never_offers_what_a_phrase_rule_hides(smollm2):
+    from gate.phrases import contains_banned
+    from gate.policy import compile_policy, parse_policy
+
+    tok = smollm2.tokenizer
+    real = Generator(smollm2.cfg, smollm2.params, stop_ids=tok.stop_ids)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                add_generation_prompt=True))
+    free = real.generate([prompt], max_new_tokens=8, top_logprobs=5)[0]
+    assert "Paris" in tok.decode(free.tokens)  # ungated, the model says it (and offers it)
+    for action in ("suppress", "substitute"):
+        compiled = compile_policy(parse_policy(
+            f"aqjax_policy: 1\nname: lp\nlevels:\n  deployment:\n    phrases: [{{phrase: paris, action: {action}}}]\n"),
+            tok)
+        r = real.generate([prompt], max_new_tokens=8, gate=compiled.gate, policy=compiled.arrays, top_logprobs=5)[0]
+        assert len(r.logprobs) == len(r.tokens)
+        for j, (_, alts) in enumerate(r.logprobs):
+            before = tok.decode(r.tokens[:j])
+            for a, _ in alts:
+                assert not contains_banned(before + tok.decode([a]), ["paris"], compiled.normalization), (action, a)

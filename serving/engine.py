@@ -12,7 +12,9 @@ and leave that batch between compiled calls; no call ever changes a shape, so no
   slots between iterations: a long prompt never stalls the streams already running for more than
   `prefill_budget` prompt tokens per iteration.
 * `_chunk` (jitted once) runs `aqjax.decode.decode_chunk` over all slots (finished and free slots ride along
-  as done rows) and packs what the host needs into one small array: each slot's new tokens and its flags.
+  as done rows) and packs what the host needs into one small array: each slot's new tokens and its flags, and
+  (with `EngineConfig.logprobs`) their log-probabilities, floats bitcast to int32; a slot's `want` flag, set at
+  insert, decides whether its row's are recorded, and no step computes them while no running slot wants them.
 * `_take_row` reads a finished slot's verdict, events and gate state; `_stop_rows` ends cancelled slots.
 
 Threads and queues:

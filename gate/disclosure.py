@@ -236,9 +236,11 @@ def _advance(policy: CompiledDisclosure, state: DisclosureState, token: Int[Arra
              seen: Int[Array, " B"] | None = None) -> DisclosureState:
     # The matcher reads what was emitted (a message included); whether a message starts depends on what check saw
     # (walked again only when a gate rewrote the token).
-    match, fired = _fired(policy, state, token)
-    if seen is not None:
-        fired = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, seen)[1], lambda: fired)
+    # The walk over `seen` is the one `check` made (same inputs: XLA computes it once); the emitted token is walked
+    # again only when a later gate rewrote it.
+    seen = token if seen is None else seen
+    match, fired = _fired(policy, state, seen)
+    match = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, token)[0], lambda: match)
     in_msg = state.msg_label >= 0
     lb = jnp.where(in_msg, state.msg_label, fired)
     pos = jnp.where(in_msg, state.msg_pos, 0)

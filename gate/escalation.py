@@ -201,9 +201,11 @@ def _check(policy: CompiledEscalation, state: EscalationState, token: Int[Array,
 
 def _advance(policy: CompiledEscalation, state: EscalationState, token: Int[Array, " B"], emitted: Bool[Array, " B"],
              seen: Int[Array, " B"] | None = None) -> EscalationState:
-    ac, fired = _fired(policy, state, token)
-    if seen is not None:  # walked again only when a gate rewrote the token
-        fired = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, seen)[1], lambda: fired)
+    # The walk over `seen` is the one `check` made (same inputs: XLA computes it once); the emitted token is walked
+    # again only when a later gate rewrote it.
+    seen = token if seen is None else seen
+    ac, fired = _fired(policy, state, seen)
+    ac = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, token)[0], lambda: ac)
     in_msg = state.msg_rule >= 0
     r = jnp.where(in_msg, state.msg_rule, fired)
     pos = jnp.where(in_msg, state.msg_pos, 0)

@@ -523,9 +523,11 @@ def _advance(
 ) -> PhraseState:
     # The automaton follows the emitted text (message tokens included); whether a message starts depends on
     # the token check saw.
-    ac, fired = _fired(policy, state, token)
-    if seen is not None:
-        _, fired = _fired(policy, state, seen)
+    # The walk over `seen` is the one `check` made (same inputs: XLA computes it once); the emitted token is walked
+    # again only when a later gate rewrote it.
+    seen = token if seen is None else seen
+    ac, fired = _fired(policy, state, seen)
+    ac = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, token)[0], lambda: ac)
     in_msg = state.forced_rule >= 0
     rule = jnp.where(in_msg, state.forced_rule, fired)
     pos = jnp.where(in_msg, state.forced_pos, 0) + 1  # message tokens emitted so far

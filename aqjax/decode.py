@@ -131,22 +131,24 @@ def _logprobs_of(raw: Float[Array, "B V"], mask: Bool[Array, "B V"] | None, toke
 
 
 def _record_logprobs(lp: LogprobLog, running, emitted, n_out, token, raw, mask, keep=None) -> LogprobLog:
-    """Writes the emitted tokens' log-probabilities for the rows that want them; computed only if some running
-    row wants them (the cond's operands are the [B, V] logits and mask only: XLA:CPU copies a cond's operands).
+    """Writes the emitted tokens' log-probabilities for the rows that want them; computed (with the `keep`
+    filter) only if some running row wants them, so a batch where nobody asked pays nothing but the cond. (Its
+    operands are read-only: XLA:CPU copies a conditional's operands only when a branch updates them in place.)
     `keep` (Int[B, K] ids -> Bool[B, K]) drops alternatives the gate would not emit as themselves."""
     B, M, K = lp.top_ids.shape
 
     def compute(raw, mask, token):
-        return _logprobs_of(raw, mask, token, K)
+        chosen, ids, top = _logprobs_of(raw, mask, token, K)
+        if keep is not None and K > 0:
+            ok = keep(jnp.maximum(ids, 0)) & (ids >= 0)
+            ids, top = jnp.where(ok, ids, -1), jnp.where(ok, top, LOGPROB_FLOOR)
+        return chosen, ids, top
 
     def skip(raw, mask, token):
         return (jnp.zeros((B,), jnp.float32), jnp.full((B, K), -1, jnp.int32),
                 jnp.full((B, K), LOGPROB_FLOOR, jnp.float32))
 
     chosen, ids, top = lax.cond(jnp.any(lp.want & running), compute, skip, raw, mask, token)
-    if keep is not None and K > 0:
-        ok = keep(jnp.maximum(ids, 0)) & (ids >= 0)
-        ids, top = jnp.where(ok, ids, -1), jnp.where(ok, top, LOGPROB_FLOOR)
     rows = jnp.arange(B)
     col = jnp.where(emitted & lp.want, n_out, M)  # M = out of range: dropped
     return lp.replace(token=lp.token.at[rows, col].set(chosen, mode="drop"),
@@ -294,7 +296,7 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
             # An admitted token that `check` would rewrite (a substitution or refusal starting) or that would end
             # the row is no alternative either: offering it would reveal what the policy hides. Nor is anything at
             # a step whose token the gate forced (a message under way: the model may still want the hidden
-            # phrase there). check is pure and cheap (table lookups): the K candidates are checked outside the cond.
+            # phrase there). check is pure (table lookups); the K candidates are checked only when someone asked.
             def keep(ids):
                 o = jax.vmap(lambda t: gate.check(policy, gate_state, t), in_axes=1, out_axes=1)(ids)
                 return (o.token == ids) & ~o.stop & ~has_forced[:, None]

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 from typing import Annotated, Any
 
@@ -35,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import tools
+from serving.engine import compiler_thread
 from serving.governance import Principal
 from serving.schemas import ChatRequest, CompletionRequest, ErrorResponse, ResponseFormat
 from serving.service import APIError, ChoiceResult, Delta, GenerationParams, Service, new_id
@@ -322,7 +322,7 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI):
         loader = None
         if load_in_background and svc.engine is None:
-            loader = threading.Thread(target=_load_quietly, args=(svc,), name="aqjax-loader", daemon=True)
+            loader = compiler_thread(_load_quietly, "aqjax-loader", args=(svc,))  # it compiles (warm-up)
             loader.start()
         yield
         if loader is not None:

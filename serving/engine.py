@@ -334,6 +334,25 @@ def _unpack_logprobs(row: np.ndarray, n: int, k: int, keep: int) -> tuple:
                                           if t >= 0)) for j in range(n))
 
 
+COMPILER_THREAD_STACK = 256 << 20
+
+
+def compiler_thread(target, name: str, args=()) -> threading.Thread:
+    """A daemon thread with a stack large enough for XLA to compile in it (not started).
+
+    XLA compiles a jitted function on the thread that first calls it, and its compiler recurses deeply on large
+    programs (a decode step with every gate chained). A Python thread gets the platform's default stack (8 MB
+    here, less elsewhere), and running out of it is a segmentation fault, not an exception: seen once in the
+    test suite, compiling `_insert` on the engine thread. The stack is virtual memory, committed only as used.
+    """
+    old = threading.stack_size()
+    threading.stack_size(COMPILER_THREAD_STACK)
+    try:
+        return threading.Thread(target=target, args=args, name=name, daemon=True)
+    finally:
+        threading.stack_size(old)
+
+
 def _prefix(state: _decode.DecodeState, rows: int) -> _decode.DecodeState:
     """The first `rows` slots of the batch (the cache's batch axis is its second)."""
     fields = {f.name: jax.tree.map(lambda x: x[:rows], getattr(state, f.name))
@@ -475,7 +494,7 @@ class Engine:
 
     def start(self) -> Engine:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="aqjax-engine", daemon=True)
+            self._thread = compiler_thread(self._run, "aqjax-engine")
             self._thread.start()
         return self
 

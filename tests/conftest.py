@@ -1,9 +1,26 @@
 """Shared pytest fixtures."""
 
+import gc
 import os
 import pathlib
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after every test module (the next module recompiles what it needs).
+
+    One process that kept every program the suite compiles crashed inside XLA:CPU's compiler (abort or
+    segfault in backend_compile, at a different test depending on the order) once it held several hundred
+    compiled decode loops; with the caches released per module it does not. A server compiles a bounded set of
+    shape buckets and keeps them.
+    """
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -223,6 +223,30 @@ def _record(events: EventLog, acted, step_idx, kind, token, emitted, rule, verdi
     )
 
 
+def _verdicts_and_events(state, d, raw, *, running, has_forced, top, top_admissible, pre_stop, post_stop, rewritten,
+                         emitted, token, seen, verdict_now, rule_now):
+    """The step's bookkeeping after the gate decided (shared by `_emit` and the speculative commit): the turn's
+    verdict and rule raised to this step's, and one audit event for every running row where the gate acted
+    (stopped it, rewrote or forced its token, blocked the model's top token `top`, or raised a verdict).
+    `seen` is the token before `check` rewrote it. Returns (verdict, rule, events)."""
+    raise_v = running & (verdict_now > state.verdict)
+    verdict = jnp.where(raise_v, verdict_now, state.verdict)
+    rule = jnp.where(raise_v, rule_now, state.rule)
+    blocked = running & ~has_forced & ~top_admissible
+    forced_now = running & has_forced & ~pre_stop
+    kind = jnp.where(pre_stop, EVENT_STOP, jnp.where(
+        rewritten, EVENT_REWRITE, jnp.where(forced_now, EVENT_FORCE, jnp.where(
+            blocked, EVENT_BLOCK, EVENT_VERDICT))))
+    acted = running & (blocked | forced_now | rewritten | pre_stop | (emitted & post_stop)
+                       | (verdict_now > Verdict.ADMIT))
+    ev_token = jnp.where(rewritten, seen, jnp.where(blocked, top, token))
+    ev_rule = rule_now if d.block_rule is None else jnp.where(
+        (rule_now == NO_RULE) & blocked, d.block_rule, rule_now)
+    events = _record(state.events, acted, state.n_out, kind, ev_token, jnp.where(emitted, token, -1), ev_rule,
+                     verdict_now, raw, d.mask)
+    return verdict, rule, events
+
+
 def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, policy: Any) -> DecodeState:
     """Gates, samples and records one token per running row, and updates the stop flags."""
     B, M = state.out.shape
@@ -307,21 +331,10 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     verdict, rule = state.verdict, state.rule
     if gate is not None:
         gate_state = gate.advance(policy, gate_state, token, emitted, sampled_before_rewrite)
-        raise_v = running & (verdict_now > verdict)
-        verdict = jnp.where(raise_v, verdict_now, verdict)
-        rule = jnp.where(raise_v, rule_now, rule)
-        blocked = running & ~has_forced & ~top_admissible
-        forced_now = running & has_forced & ~pre_stop
-        kind = jnp.where(pre_stop, EVENT_STOP, jnp.where(
-            rewritten, EVENT_REWRITE, jnp.where(forced_now, EVENT_FORCE, jnp.where(
-                blocked, EVENT_BLOCK, EVENT_VERDICT))))
-        acted = running & (blocked | forced_now | rewritten | pre_stop | (emitted & post_stop)
-                           | (verdict_now > Verdict.ADMIT))
-        ev_token = jnp.where(rewritten, sampled_before_rewrite, jnp.where(blocked, top, token))
-        ev_rule = rule_now if d.block_rule is None else jnp.where(
-            (rule_now == NO_RULE) & blocked, d.block_rule, rule_now)
-        events = _record(events, acted, state.n_out, kind, ev_token, jnp.where(emitted, token, -1), ev_rule,
-                         verdict_now, raw, d.mask)
+        verdict, rule, events = _verdicts_and_events(
+            state, d, raw, running=running, has_forced=has_forced, top=top, top_admissible=top_admissible,
+            pre_stop=pre_stop, post_stop=post_stop, rewritten=rewritten, emitted=emitted, token=token,
+            seen=sampled_before_rewrite, verdict_now=verdict_now, rule_now=rule_now)
     return state.replace(
         last=jnp.where(emitted, token, state.last),
         done=state.done | gate_stop | is_stop | at_limit,

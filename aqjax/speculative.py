@@ -52,16 +52,11 @@ from jaxtyping import Array, Bool, Float, Int
 from aqjax import decode as _decode
 from aqjax import ops
 from aqjax.decode import (
-    EVENT_BLOCK,
-    EVENT_FORCE,
-    EVENT_REWRITE,
-    EVENT_STOP,
-    EVENT_VERDICT,
     FINISH_GATE,
     FINISH_LENGTH,
     FINISH_STOP,
     DecodeState,
-    _record,
+    _verdicts_and_events,
 )
 from aqjax.drafters import Drafter, DraftModel, load_draft, lookup_drafter, model_drafter, self_draft
 from aqjax.engine import GenerationResult, Generator, RequestError, bucket
@@ -217,22 +212,11 @@ def _commit_token(state: DecodeState, raw, d, token, running, lengths_now, gate:
     if gate is not None:
         # rows outside the window keep their state exactly (this position does not exist for them)
         gate_state = keep_rows(running, gate.advance(policy, gate_state, token, emitted, seen), state.gate_state)
-        raise_v = running & (verdict_now > verdict)
-        verdict = jnp.where(raise_v, verdict_now, verdict)
-        rule = jnp.where(raise_v, rule_now, rule)
         top = ops.argmax(raw)
-        blocked = running & ~has_forced & ~d.mask[rows, top]
-        forced_now = running & has_forced & ~pre_stop
-        kind = jnp.where(pre_stop, EVENT_STOP, jnp.where(
-            rewritten, EVENT_REWRITE, jnp.where(forced_now, EVENT_FORCE, jnp.where(
-                blocked, EVENT_BLOCK, EVENT_VERDICT))))
-        acted = running & (blocked | forced_now | rewritten | pre_stop | (emitted & post_stop)
-                           | (verdict_now > Verdict.ADMIT))
-        ev_token = jnp.where(rewritten, seen, jnp.where(blocked, top, token))
-        ev_rule = rule_now if d.block_rule is None else jnp.where(
-            (rule_now == NO_RULE) & blocked, d.block_rule, rule_now)
-        events = _record(events, acted, state.n_out, kind, ev_token, jnp.where(emitted, token, -1), ev_rule,
-                         verdict_now, raw, d.mask)
+        verdict, rule, events = _verdicts_and_events(
+            state, d, raw, running=running, has_forced=has_forced, top=top, top_admissible=d.mask[rows, top],
+            pre_stop=pre_stop, post_stop=post_stop, rewritten=rewritten, emitted=emitted, token=token, seen=seen,
+            verdict_now=verdict_now, rule_now=rule_now)
     done = state.done | gate_stop | is_stop | at_limit
     new = state.replace(last=jnp.where(emitted, token, state.last), done=done, finish=finish, out=out, n_out=n_out,
                         gate_state=gate_state, verdict=verdict, rule=rule, confidence=confidence, events=events)

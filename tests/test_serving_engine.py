@@ -280,6 +280,116 @@ def test_a_row_in_the_batch_equals_the_same_row_alone():
         assert sink.tokens == want.tokens
 
 
+# ------------------------------------------------------------------------------------------ batched insert
+
+
+def record_inserts(engine):
+    """Wraps the engine's insert: the returned list gets each insert's slots, in call order."""
+    calls, insert = [], engine._insert
+
+    def recording(group):
+        calls.append([i for i, _ in group])
+        insert(group)
+
+    engine._insert = recording
+    return calls
+
+
+def test_one_insert_prefills_many_requests_each_in_its_own_row(mock, make_engine):
+    """Different prompt lengths and limits in one insert, rows ending at their first token or at a stop: every row
+    gets its own hand-computed answer, and a stream running beside an insert with a padding row is untouched."""
+    engine = make_engine()
+    inserts = record_inserts(engine)
+    tok = mock.tokenizer
+    firsts = [submit(engine, text_prompt(mock, t), 1) for t in ("ab", "q", "  ")]
+    runner = submit(engine, text_prompt(mock, "5"), 100)  # the last slot: where a padding row's write would land
+    engine.step()
+    assert inserts == [[0, 1, 2, 3]]  # one insert of four rows; three finished at their first token
+    assert [tok.decode(s.tokens) for s in firsts] == ["c", "r", "w"]
+    assert all(s.result.finish_reason == "length" for s in firsts)
+    cases = [("hello", 40), ("7", 3), ("xyz", 9)]  # lengths 5, 1, 3 in one prompt bucket
+    sinks = [submit(engine, text_prompt(mock, t), k) for t, k in cases]
+    engine.step()
+    assert inserts[1] == [0, 1, 2]  # three rows in the bucket of four: one padding row
+    run_until_done(engine, [runner, *sinks])
+    for (text, k), sink in zip(cases, sinks, strict=True):
+        want, finish = expected(text[-1], k)
+        assert (tok.decode(sink.tokens), sink.result.finish_reason) == (want, finish), text
+    assert sinks[2].tokens == [] and sinks[2].result.finish_reason == "stop"  # "z" stops at once
+    assert tok.decode(runner.tokens) == "6789012345" * 10 and runner.result.finish_reason == "length"
+    assert len(inserts) == 2
+
+
+def test_one_insert_keeps_each_rows_policy_gate_state_and_logprobs(mock, policies, make_engine):
+    """Four governed requests in one insert: a resumed phrase state, a fresh one under the same policy, two other
+    policies, one of them asking for logprobs; each row keeps its own."""
+    engine = make_engine()
+    tok, za = mock.tokenizer, policies["za"]
+    earlier = submit(engine, chat_prompt(mock), 60, policy=za)
+    run_until_done(engine, [earlier])
+    saved = earlier.result.gate_state[0]
+    inserts = record_inserts(engine)
+    suppress = LogprobSink()
+    fresh = submit(engine, chat_prompt(mock), 60, policy=za)
+    engine.submit(EngineRequest(prompt=chat_prompt(mock), max_new=60, sink=suppress, top_logprobs=3,
+                                policy=policies["suppress"]))
+    resumed = submit(engine, chat_prompt(mock), 60, policy=za, phrase_state=saved)
+    refuse = submit(engine, chat_prompt(mock), 60, policy=policies["refuse"])
+    run_until_done(engine, [fresh, suppress, resumed, refuse])
+    assert inserts == [[0, 1, 2, 3]]
+    assert tok.decode(fresh.tokens) == "abcdefghijklmnopqrstuvwxyz"
+    assert tok.decode(resumed.tokens) == " wxyz"  # "a" would complete "za" across the two turns
+    assert tok.decode(suppress.tokens) == "abcde wxyz"
+    assert tok.decode(refuse.tokens) == "abcdefghijklmnopqrstI can't help with that."
+    assert refuse.result.verdict == Verdict.REFUSE and fresh.result.verdict == Verdict.ADMIT
+    before = jax.tree.leaves(resumed.result.gate_state_before[0])[0].tolist()
+    assert before == np.asarray(saved.ac).tolist() != jax.tree.leaves(fresh.result.gate_state_before[0])[0].tolist()
+    assert len(suppress.logprobs) == len(suppress.tokens)
+    lp, alts = suppress.logprobs[0]  # the first token's, from the insert: "a" after the marker, logit 10 of 10
+    assert alts[0][0] == tok.encode("a", parse_special=False)[0] and lp == pytest.approx(alts[0][1])
+
+
+def test_a_request_in_a_batched_insert_equals_the_same_request_alone():
+    """Tiny random Llama: prompts of different lengths (some in pieces), limits, seeds and logprobs submitted at once
+    give exactly the tokens (and the log-probabilities) each one gets alone."""
+    import pathlib
+
+    from models.loader import load_model
+
+    m = load_model(pathlib.Path(__file__).parent / "data" / "tiny_llama_gqa")
+    cfg = EngineConfig(slots=4, max_len=64, chunk_steps=3, prefill_chunk=16, min_prompt_bucket=8, governed=False,
+                       max_top_logprobs=2)
+    rng = np.random.default_rng(2)
+    reqs = [(rng.integers(3, 128, size=n).tolist(), k, s) for n, k, s in
+            ((5, 20, SamplingConfig()), (7, 1, SamplingConfig()), (12, 30, SamplingConfig(temperature=0.8, seed=3)),
+             (3, 25, SamplingConfig(temperature=1.0, seed=4)), (20, 9, SamplingConfig(top_p=0.9, temperature=1.0)),
+             (13, 12, SamplingConfig()), (37, 6, SamplingConfig(temperature=0.7, seed=5)))]
+
+    def run(engine, batch):
+        sinks = [LogprobSink() for _ in batch]
+        for (prompt, k, sampling), sink in zip(batch, sinks, strict=True):
+            engine.submit(EngineRequest(prompt=prompt, max_new=k, sink=sink, sampling=sampling, top_logprobs=2))
+        run_until_done(engine, sinks)
+        return sinks
+
+    engine = Engine(m.cfg, m.params, cfg, stop_ids=())
+    alone = [run(engine, [r])[0] for r in reqs]
+    inserts = record_inserts(engine)
+    together = run(engine, reqs)
+    assert max(len(g) for g in inserts) >= 3  # rows did share inserts
+    for a, t in zip(alone, together, strict=True):
+        assert t.tokens == a.tokens
+        np.testing.assert_allclose([lp for lp, _ in t.logprobs], [lp for lp, _ in a.logprobs], atol=1e-5)
+        assert [[i for i, _ in alts] for _, alts in t.logprobs] == [[i for i, _ in alts] for _, alts in a.logprobs]
+
+
+def test_insert_rows_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="insert_rows"):
+        EngineConfig(insert_rows=3)
+    with pytest.raises(ValueError, match="insert_rows"):
+        EngineConfig(insert_rows=0)
+
+
 # ------------------------------------------------------------------------------------------------ logprobs
 
 

@@ -30,7 +30,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from gate.core import NO_RULE, NO_TOKEN, Action, Decision, Gate, Outcome, Verdict, keep_rows
-from gate.phrases import PhraseRule, _compile_host
+from gate.phrases import PhraseRule, _compile_host, _feed_chars
 
 __all__ = [
     "COUNTERS",
@@ -136,23 +136,22 @@ def compile_escalation(policy, tokenizer, *, vocab_size: int | None = None, rule
 def _walk(policy: CompiledEscalation, state: EscalationState, token: Int[Array, " B"]):
     """Feeds each row's token through the topic automaton; returns (state, bitmask of active rules hit).
 
-    Skipped (the state does not move) when no row has an active topic: topics are fixed for a turn and the
-    automaton restarts with each turn, so its state only matters in turns with a topic rule on."""
+    The state does not move when no row has an active topic: topics are fixed for a turn and the automaton restarts
+    with each turn, so its state only matters in turns with a topic rule on. (The walk's first columns are plain
+    steps, which check, the chain's replay of it and advance share; the loop over longer tokens is skipped then.)"""
     chars = policy.tok_chars[jnp.clip(token, 0, policy.tok_chars.shape[0] - 1)]
     C = policy.goto.shape[1]
     flat = policy.goto.reshape(-1)
+    on = jnp.any(state.topics != 0)
 
     def step(carry, c):
         s, hit = carry
         valid = c >= 0
         s = jnp.where(valid, flat[s * C + jnp.maximum(c, 0)], s)
-        return (s, hit | jnp.where(valid, policy.out_bits[s], 0)), None
+        return s, hit | jnp.where(valid, policy.out_bits[s], 0)
 
-    def walk(_):
-        (s, hit), _ = lax.scan(step, (state.ac, jnp.zeros_like(state.ac)), chars.T, unroll=True)
-        return s, hit & state.topics
-
-    return lax.cond(jnp.any(state.topics != 0), walk, lambda _: (state.ac, jnp.zeros_like(state.ac)), None)
+    s, hit = _feed_chars(step, (state.ac, jnp.zeros_like(state.ac)), jnp.where(on, chars, -1))
+    return jnp.where(on, s, state.ac), hit & state.topics
 
 
 def _lowest_bit(x: Int[Array, " B"]) -> Int[Array, " B"]:

@@ -450,6 +450,28 @@ def compile_phrases(
 
 _NONE = jnp.iinfo(jnp.int32).max
 
+# Character columns a walk always takes as plain (unrolled) steps. Most tokens have at most this many normalized
+# characters; the columns past it are walked in a loop that runs only as far as the batch's longest token. Plain
+# steps matter beyond their count: check, the chain's replay of it and advance all walk the same token, and XLA
+# merges identical plain computations (CSE) but not loops, so the common short walk is computed once per step.
+_UNROLL = 6
+
+
+def _feed_chars(step, carry, chars: Int[Array, "B L"], unroll: int = _UNROLL):
+    """Feeds the character columns chars[:, j] to `step(carry, column) -> carry` in order.
+
+    `step` must leave a row unchanged where its column is padding (< 0); columns from the batch's longest token on
+    are then skipped: the first `unroll` as plain steps, the rest by a loop to that length (no iteration when no
+    token of the batch is longer).
+    """
+    L = chars.shape[1]
+    for j in range(min(unroll, L)):
+        carry = step(carry, chars[:, j])
+    if L > unroll:
+        n = jnp.max(jnp.where(chars >= 0, jnp.arange(1, L + 1), 0))  # past the batch's last real character
+        carry = lax.fori_loop(unroll, n, lambda j, c: step(c, lax.dynamic_index_in_dim(chars, j, 1, False)), carry)
+    return carry
+
 
 def _walk(policy: CompiledPhrases, ac: Int[Array, " B"], token: Int[Array, " B"], out: Int[Array, " S"]):
     """Feeds each row's token from state `ac`; returns the new state and the best rule of `out` met (-1 none)."""
@@ -463,9 +485,9 @@ def _walk(policy: CompiledPhrases, ac: Int[Array, " B"], token: Int[Array, " B"]
         s = jnp.where(valid, flat[s * C + jnp.maximum(c, 0)], s)
         r = out[s]
         best = jnp.minimum(best, jnp.where(valid & (r >= 0), r, _NONE))
-        return (s, best), None
+        return s, best
 
-    (s, best), _ = lax.scan(step, (ac, jnp.full_like(ac, _NONE)), chars.T, unroll=True)
+    s, best = _feed_chars(step, (ac, jnp.full_like(ac, _NONE)), chars)
     return s, jnp.where(best == _NONE, -1, best)
 
 
@@ -481,9 +503,12 @@ def _evaluate(policy: CompiledPhrases, state: PhraseState, logits: Float[Array, 
     in_msg = state.forced_rule >= 0
     pos = jnp.minimum(state.forced_pos, policy.messages.shape[1] - 1)
     refuse = in_msg & (policy.rule_action[r] == Action.REFUSE)
-    # For the audit: the suppress rule the model's own top token would complete (the walk finds it exactly).
+    # For the audit: the suppress rule the model's own top token would complete (the walk finds it exactly). The walk
+    # meets a suppress rule exactly when the token is banned, so it is taken only when some row's top token is.
     top = ops.argmax(logits)
-    _, hit = _walk(policy, state.ac, top, policy.out_suppress)
+    top_banned = jnp.take_along_axis(banned, jnp.minimum(top, vocab - 1)[:, None], axis=1)[:, 0]
+    hit = lax.cond(jnp.any(top_banned & ~in_msg), lambda: _walk(policy, state.ac, top, policy.out_suppress)[1],
+                   lambda: jnp.full((B,), -1, jnp.int32))
     return Decision(
         mask=~banned,
         verdict=jnp.where(refuse, Verdict.REFUSE, Verdict.ADMIT).astype(jnp.int32),

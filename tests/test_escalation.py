@@ -97,6 +97,35 @@ class EscalationVariantsTest(chex.TestCase):
         assert int(d.forced[0]) == refusal[1] and int(d.verdict[0]) == Verdict.REFUSE
 
 
+def test_walk_equals_a_column_by_column_walk():
+    """The jitted topic walk (plain steps for the first columns, then a loop to the batch's longest token) against a
+    numpy walk over every column: every token, the longest ones, single rows; with no topic on the state stays."""
+    from gate.phrases import _UNROLL, _walk_np
+
+    pol = compiled()
+    tc, goto, bits = np.asarray(pol.tok_chars), np.asarray(pol.goto), np.asarray(pol.out_bits)
+    n = (tc >= 0).sum(1)
+    assert n.max() > _UNROLL
+    rng = np.random.default_rng(0)
+    walk = jax.jit(X._walk)
+    hits = 0
+    longest = np.argsort(-n, kind="stable")
+    S, V = goto.shape[0], tc.shape[0]
+    every = (np.tile(np.arange(V), S), np.repeat(np.arange(S), V))  # every token from every state
+    for toks, ac in (every, *((t, rng.integers(0, S, len(t))) for t in (
+            longest[:4], longest[:1], np.flatnonzero(n == _UNROLL + 1)[:1], np.flatnonzero(n == 1)[:3]))):
+        ac = ac.astype(np.int32)
+        for topics in (np.full(len(toks), 0b1010), rng.integers(0, 16, len(toks)), np.zeros(len(toks), np.int32)):
+            state = _state(topics).replace(ac=jnp.asarray(ac))
+            s, hit = walk(pol, state, jnp.asarray(toks, jnp.int32))
+            trail = _walk_np(goto, ac, tc[toks])
+            expect = np.bitwise_or.reduce(np.where(tc[toks].T >= 0, bits[trail], 0), axis=0) & topics
+            np.testing.assert_array_equal(np.asarray(hit), expect)
+            hits += int(np.count_nonzero(expect))
+            np.testing.assert_array_equal(np.asarray(s), trail[-1] if topics.any() else ac)
+    assert hits > 0
+
+
 def test_refused_topic_ends_the_turn_with_the_refusal():
     pol = compiled()
     g = X.escalation_gate(toy().vocab_size)

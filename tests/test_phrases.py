@@ -504,3 +504,60 @@ def test_real_vocab_substitution_and_bench(smol_tok):
 
     r = bench(smol_tok, n_phrases=50, steps=8, batches=(1,))
     assert r["table_bytes"] > 0 and r["us_per_step"][1] > 0
+
+
+@pytest.mark.slow
+def test_walk_equals_a_column_by_column_walk(smol_tok, smol_policy):
+    """The jitted walk (plain steps for the first columns, then a loop to the batch's longest token) against a numpy
+    walk over every column: random tokens, the vocabulary's longest, tokens of exactly the unrolled length and one
+    more, single rows and mixed batches, from random automaton states."""
+    from gate.phrases import _UNROLL, _walk, _walk_np
+
+    p = smol_policy
+    tc, goto, out = np.asarray(p.tok_chars), np.asarray(p.goto), np.asarray(p.out_suppress)
+    n = (tc >= 0).sum(1)
+    V = tc.shape[0]
+    rng = np.random.default_rng(0)
+    longest = np.argsort(-n, kind="stable")[:8]
+    edge = [np.flatnonzero(n == k)[:4] for k in (_UNROLL - 1, _UNROLL, _UNROLL + 1)]
+    assert n[longest[0]] > _UNROLL and all(len(e) for e in edge)
+    batches = [rng.integers(0, V, 32), longest, *edge, longest[:1], edge[1][:1], edge[2][:1], rng.integers(0, V, 1),
+               np.concatenate([rng.integers(0, V, 5), edge[2][:1]]), np.flatnonzero(n == 0)[:3]]
+    walk = jax.jit(_walk)
+    for toks in batches:
+        toks = np.asarray(toks, np.int32)
+        ac = rng.integers(0, goto.shape[0], len(toks)).astype(np.int32)
+        s, best = walk(p, jnp.asarray(ac), jnp.asarray(toks), p.out_suppress)
+        chars = tc[toks]
+        trail = np.concatenate([ac[None], _walk_np(goto, ac, chars)])[1:]
+        rules = np.where((chars.T >= 0) & (out[trail] >= 0), out[trail], np.iinfo(np.int32).max).min(0)
+        np.testing.assert_array_equal(np.asarray(s), trail[-1], err_msg=str(toks))
+        np.testing.assert_array_equal(np.asarray(best), np.where(rules == np.iinfo(np.int32).max, -1, rules))
+
+
+@pytest.mark.slow
+def test_block_rule_equals_the_walk_of_the_top_token(smol_tok, smol_policy):
+    """evaluate walks the top token only when some row's top token is banned: its block_rule equals walking every
+    row's top token, for banned and admissible top tokens alike."""
+    from gate.phrases import _walk
+
+    p, V = smol_policy, smol_tok.vocab_size
+    g = phrase_gate(V)
+    evaluate = jax.jit(g.evaluate)
+    rng = np.random.default_rng(1)
+    S = np.asarray(p.goto).shape[0]
+    banned_rows = 0
+    for trial in range(6):
+        ac = rng.integers(0, S, 16).astype(np.int32)
+        state = g.init(p, 16).replace(ac=jnp.asarray(ac))
+        banned = ~np.asarray(evaluate(p, state, jnp.zeros((16, V))).mask)
+        top = rng.integers(0, V, 16)
+        for b in range(16):  # even trials: a banned top token where the state has one
+            if trial % 2 == 0 and banned[b].any() and rng.random() < 0.5:
+                top[b] = rng.choice(np.flatnonzero(banned[b]))
+        banned_rows += int(banned[np.arange(16), top].sum())
+        d = evaluate(p, state, jax.nn.one_hot(jnp.asarray(top), V))
+        _, hit = _walk(p, jnp.asarray(ac), jnp.asarray(top, jnp.int32), p.out_suppress)
+        expect = np.where(np.asarray(hit) >= 0, np.asarray(p.rule_id)[np.maximum(np.asarray(hit), 0)], NO_RULE)
+        np.testing.assert_array_equal(np.asarray(d.block_rule), expect)
+    assert banned_rows > 0

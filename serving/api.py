@@ -211,7 +211,7 @@ class _Logprobs:
 
 def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_param: str,
             fragment: dict | None, tool_plan: tools.ToolPlan | None = None,
-            top_logprobs: int | None = None) -> GenerationParams:
+            top_logprobs: int | None = None, evidence: tuple[str, ...] = ()) -> GenerationParams:
     return GenerationParams(
         prompt=prompt,
         max_tokens=svc.max_tokens_for(len(prompt), max_tokens, max_param),
@@ -225,6 +225,7 @@ def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_p
         session_fragment=body.session_policy,
         tools=tool_plan,
         top_logprobs=top_logprobs,
+        evidence=evidence,
     )
 
 
@@ -414,7 +415,8 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
         if body.max_completion_tokens is not None:
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         fragment = _request_fragment(body.policy, body.response_format)
-        p = _params(svc, body, prompt, max_tokens, param, fragment, plan, top)
+        evidence = tuple(m.text() for m in body.messages if m.role == "tool")  # tool results are evidence
+        p = _params(svc, body, prompt, max_tokens, param, fragment, plan, top, evidence)
         call = await svc.begin(who, p, route="chat")
         rid, created = new_id("chatcmpl"), int(time.time())
         if body.stream:

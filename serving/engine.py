@@ -221,6 +221,10 @@ class EngineRequest:
         saved state), or None for a fresh one.
       authority_state: the turn's authority-gate state (numpy `AuthorityState` with leading axis 1, see
         `gating.authority_row`: principal, tool mode, tools offered, quotas spent), or None: no tool call.
+      escalation_state: the turn's escalation state (numpy `EscalationState`, leading axis 1: the session's
+        counters and the topic rules they activated, `gate.escalation.begin_turn`), or None: nothing active.
+      evidence_state: the turn's evidence budget (numpy `EvidenceState`, leading axis 1,
+        `gate.evidence.begin_turn`), or None: no budget.
       top_logprobs: None (no log-probabilities), or the alternatives per token (<= config.max_top_logprobs) that
         its Tokens events carry with every token's log-probability.
     """
@@ -233,6 +237,8 @@ class EngineRequest:
     policy: gating.SlotPolicy | None = None
     phrase_state: Any = None
     authority_state: Any = None
+    escalation_state: Any = None
+    evidence_state: Any = None
     top_logprobs: int | None = None
     # engine bookkeeping
     id: int = -1
@@ -298,7 +304,7 @@ def _scatter_rows(big, rows, slots, axis: int = 0):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gate"), donate_argnames=("state", "table"))
 def _insert(params: Params, state: _decode.DecodeState, table, slots, tokens, n, offset, sampling: SamplingParams,
-            max_new, stop_ids, restore, phrase_state, authority_state, row_tables, want, *, cfg: LlamaConfig, gate):
+            max_new, stop_ids, restore, phrase_state, turn_state, row_tables, want, *, cfg: LlamaConfig, gate):
     """Prefills the last (or only) piece of R prompts together, samples their first tokens and installs the rows.
 
     One program per (R, T): R rows (a power of two <= EngineConfig.insert_rows) and T the prompt bucket.
@@ -313,7 +319,8 @@ def _insert(params: Params, state: _decode.DecodeState, table, slots, tokens, n,
         (earlier pieces).
       sampling / max_new / stop_ids: the requests' rows (leading axis R).
       restore: Bool[R] start the phrase gate from `phrase_state` instead of its initial state.
-      authority_state: the authority gate's state for the turn (leading axis R).
+      turn_state: the turn's states of the kinds after phrases and structure (`gating.TURN_KINDS`: authority,
+        escalation, evidence, ...; leading axis R; `()` for a kind not in the chain).
       row_tables: a tuple of R policy entries (leading axis 1 each; cached per policy on the device, so the
         host never copies them), None when ungoverned.
       want: Bool[R] record the row's log-probabilities (ignored when the state keeps none).
@@ -331,8 +338,8 @@ def _insert(params: Params, state: _decode.DecodeState, table, slots, tokens, n,
     gate_state = row_table = None
     if gate is not None:
         row_table = jax.tree.map(lambda *xs: jnp.concatenate(xs), *row_tables)
-        phrases, structure, _ = gate.init(row_table, R)
-        gate_state = (keep_rows(restore, phrase_state, phrases), structure, authority_state)
+        phrases, structure, *_ = gate.init(row_table, R)
+        gate_state = (keep_rows(restore, phrase_state, phrases), structure, *turn_state)
     K = None if state.logprobs is None else state.logprobs.top_ids.shape[-1]
     rows = _decode.start(params, tokens, n, rows_cache, sampling, max_new, stop_ids, M, gate_state, row_table, want,
                          cfg=cfg, gate=gate, top_logprobs=K)
@@ -485,10 +492,10 @@ class Engine:
             raise ValueError(f"{len(self.stop_ids)} default stop ids exceed max_stop_ids={config.max_stop_ids}")
         self.vocab_size = int(vocab_size or cfg.vocab_size)
         self.eos_id = int(cfg.eos_id if eos_id is None else eos_id)
-        self.gate = gating.slot_gate(self.vocab_size, self.eos_id) if config.governed else None
-
         B = config.slots
         self._env = gating.complete(gating.Envelope(), self.vocab_size)
+        self._gate_kinds = self._env.kinds
+        self.gate = gating.slot_gate(self.vocab_size, self.eos_id, self._gate_kinds) if config.governed else None
         self._table = (jax.tree.map(jnp.asarray, gating.empty_table(self._env, self.vocab_size, B))
                        if self.gate is not None else None)
         self._state = self._empty_state()
@@ -599,6 +606,16 @@ class Engine:
                 raise ValueError(f"top_logprobs must be in [0, {self.config.max_top_logprobs}]")
         if req.authority_state is not None and (req.policy is None or req.policy.authority is None):
             raise ValueError("a tool turn needs a policy that defines tools")
+        for kind in gating.TURN_KINDS:
+            state = getattr(req, f"{kind}_state")
+            if state is None:
+                continue
+            if req.policy is None or req.policy.table(kind) is None:
+                raise ValueError(f"a {kind} state needs a policy with {kind} rules")
+            want = gating.initial_state(kind, 1)
+            if (jax.tree.structure(state) != jax.tree.structure(want)
+                    or [np.shape(x) for x in jax.tree.leaves(state)] != [np.shape(x) for x in jax.tree.leaves(want)]):
+                raise ValueError(f"the {kind} state does not have the engine's shapes (see gating.initial_state)")
         if any(not 0 <= int(t) < self.cfg.vocab_size for t in req.prompt):
             raise ValueError("the prompt holds token ids outside the vocabulary")
         with self._cv:
@@ -657,14 +674,17 @@ class Engine:
         """Grows the policy envelope to hold `policy` now (before `warmup`), instead of at its first request."""
         self._fit_envelope(policy)
 
-    def reserve(self, *, phrase_factor: int = 2, structure_states: int = 0, structure_edges: int = 0) -> None:
+    def reserve(self, *, phrase_factor: int = 2, structure_states: int = 0, structure_edges: int = 0,
+                message_tokens: int = 0) -> None:
         """Grows the policy envelope ahead of time (before `warmup`), so that requests adding a few phrases or a
         small structure to the deployment policy do not recompile: the phrase tables' rule and state axes are
-        multiplied by `phrase_factor`, the structure automaton gets room for the given states and edges."""
+        multiplied by `phrase_factor`, their messages get room for `message_tokens` tokens, the structure
+        automaton gets room for the given states and edges."""
         if self.gate is None:
             return
         self._set_envelope(gating.reserve(self._env, self.vocab_size, phrase_factor=phrase_factor,
-                                          structure_states=structure_states, structure_edges=structure_edges))
+                                          structure_states=structure_states, structure_edges=structure_edges,
+                                          message_tokens=message_tokens))
 
     def step(self) -> None:
         """Runs one engine iteration in the caller's thread (tests and embedders that run no engine thread)."""
@@ -856,6 +876,11 @@ class Engine:
             return
         self._env = env
         self._table = gating.grow_table(self._table, self._env, self.vocab_size)
+        if self.gate is not None and self._env.kinds != self._gate_kinds:  # a gate kind joins the chain
+            self._gate_kinds = self._env.kinds
+            self.gate = gating.slot_gate(self.vocab_size, self.eos_id, self._env.kinds)
+            self._state = self._state.replace(gate_state=gating.grow_state(self._state.gate_state, self._env.kinds,
+                                                                           self.config.slots))
         self._row_tables.clear()
         if self._thread is not None:  # serving already: this costs one compilation of every piece
             self.recompiles += 1
@@ -886,7 +911,7 @@ class Engine:
             stop_arr[r, : len(stops)] = stops
             want[r] = req.top_logprobs is not None
             sampling[r] = req.sampling
-        row_tables = restore = phrase_state = authority_state = None
+        row_tables = restore = phrase_state = turn_state = None
         if self.gate is not None:
             reqs = [s.req for _, s in group]
             for req in reqs:  # first: growing the envelope drops every cached row table
@@ -897,13 +922,11 @@ class Engine:
             restore[: len(group)] = [req.phrase_state is not None for req in reqs]
             phrase_state = _stack_rows([gating.initial_phrase_state(1) if req.phrase_state is None
                                         else req.phrase_state for req in reqs], R, gating.initial_phrase_state(1))
-            authority_state = _stack_rows([gating.initial_authority_state(1) if req.authority_state is None
-                                           else req.authority_state for req in reqs], R,
-                                          gating.initial_authority_state(1))
+            turn_state = tuple(self._turn_rows(kind, reqs, R) for kind in gating.TURN_KINDS)
         self._state, self._table, packed, before = _insert(
             self.params, self._state, self._table, jnp.asarray(slots), jnp.asarray(tokens), jnp.asarray(n),
             jnp.asarray(offset), SamplingParams.from_configs(sampling), jnp.asarray(max_new), jnp.asarray(stop_arr),
-            restore, phrase_state, authority_state, row_tables, jnp.asarray(want), cfg=self.cfg, gate=self.gate)
+            restore, phrase_state, turn_state, row_tables, jnp.asarray(want), cfg=self.cfg, gate=self.gate)
         packed, before = jax.device_get((packed, before))
         now = time.monotonic()
         for r, (i, s) in enumerate(group):
@@ -918,6 +941,15 @@ class Engine:
                 self._emit(s, [first], self._logprobs(req, packed[r, 4:], 1))
             if done:
                 self._finish(i, s)
+
+    def _turn_rows(self, kind: str, reqs: list[EngineRequest], rows: int):
+        """The requests' states of one turn kind stacked into `rows` rows (neutral states for requests that bring
+        none, and for the padding rows); `()` when the kind is not in the chain."""
+        if kind not in self._env.kinds:
+            return ()
+        pad = gating.initial_state(kind, 1)
+        field = f"{kind}_state"
+        return _stack_rows([pad if getattr(r, field) is None else getattr(r, field) for r in reqs], rows, pad)
 
     def _decode(self) -> None:
         t0 = time.monotonic()

@@ -2,31 +2,39 @@
 
 `gate.policy.compile_policy` turns one policy into a `Gate` whose functions take a single policy shared by all
 rows. A server batch mixes requests whose effective policies differ (deployment ∧ principal ∧ session ∧
-request), so the engine runs one fixed chain (`SLOT_KINDS`: the phrase gate, the structure gate, the authority
-gate over tool calls), each wrapped by `per_row`: the wrapped gate's policy is `(enabled, arrays)` with a
-leading slot axis on both (one copy of the compiled arrays per slot, and a flag saying whether that slot's
-policy has this kind of rule at all), and its four functions are `vmap`ped over the slots. A disabled slot
-admits every token and keeps its state.
+request), so the engine runs one fixed chain over `SLOT_KINDS`, in the compiler's chain order: the phrase gate,
+the structure gate, the authority gate over tool calls, then the escalation gate and the evidence budget. Each
+kind is wrapped by `per_row`: the wrapped gate's policy is `(enabled, arrays)` with a leading slot axis on both
+(one copy of the compiled arrays per slot, and a flag saying whether that slot's policy has this kind of rule at
+all), and its four functions are `vmap`ped over the slots. A disabled slot admits every token and keeps its state.
 
-Shapes: every slot's arrays are padded to one `Envelope` (per array field, the largest bucketed shape seen so
-far), so the table has static shapes and slots change policy without recompiling. The engine grows the
-envelope (one recompile) only when a policy exceeds it; compiled shapes are power-of-two buckets, so that is
-rare. Padding keeps the gates' semantics: padded automaton states are unreachable, padded rules never fire,
-padded structure states are dead (no admissible token, no transition). The authority gate's tables pad the same
-way: its call automaton like a structure, padded principals and tools are granted nothing, padded automaton
-states reach no tool and lie in no integer field, padded rule ids are NO_RULE. Its tool axis is always
-`TOOL_SLOTS` wide (the compiler's limit), so a slot's `AuthorityState` (calls and quota spent per tool) has one
-shape whatever the policy: the host builds it per turn (`authority_row`, from the session's ledger) and the
-engine installs it with the request.
+The phrase, structure and authority gates are always in the chain (`BASE_KINDS`). The others join it the first
+time a policy needs them (the envelope below names them; until then their table and state entries are `()` and
+they cost nothing), so a server whose policies never use them compiles the same program as before they existed.
 
-The evidence, grounding, disclosure and escalation gates are not in the chain: a policy that needs one of them
-raises `UnsupportedPolicy` (the server answers 500 rather than serve without a rule of its policy).
+Shapes: every slot's arrays are padded to one `Envelope` (per kind and array field, the largest bucketed shape
+seen so far), so the table has static shapes and slots change policy without recompiling. The engine grows the
+envelope (one recompile) only when a policy exceeds it or needs a kind the chain lacks; compiled shapes are
+power-of-two buckets, so that is rare. Padding keeps the gates' semantics: padded automaton states are
+unreachable, padded rules never fire, padded structure states are dead (no admissible token, no transition),
+padded character columns are -1 (no character). The authority gate's tables pad the same way: its call automaton
+like a structure, padded principals and tools are granted nothing, padded automaton states reach no tool and lie
+in no integer field, padded rule ids are NO_RULE. Its tool axis is always `TOOL_SLOTS` wide (the compiler's
+limit), so a slot's `AuthorityState` (calls and quota spent per tool) has one shape whatever the policy.
+
+Per-turn state: what a gate needs from the session and the request is its state at the start of the turn, built
+on the host (`gate.<kind>.begin_turn`, see serving/context.py) with a shape that does not depend on the policy,
+and installed with the request: the authority state (`authority_row`: principal, tool mode, quotas spent), the
+escalation state (the session's counters and the topic rules they activated) and the evidence budget (nats this
+turn may spend).
 """
+
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,15 +42,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gate import authority as A
+from gate import escalation as X
+from gate import evidence as EV
 from gate.core import NO_RULE, Action, Decision, Gate, Outcome, Verdict, chain, keep_rows
 from gate.phrases import CompiledPhrases, PhraseState, phrase_gate
 from gate.policy import CompiledPolicy
 from gate.structure import CompiledStructure, structure_gate
 
 __all__ = [
-    "SLOT_KINDS", "TOOL_SLOTS", "Envelope", "SlotPolicy", "UnsupportedPolicy", "authority_row", "authority_state_of",
-    "complete", "empty_table", "grow_table", "initial_authority_state", "initial_phrase_state", "per_row",
-    "phrase_state_of", "reserve", "row_policy", "slot_gate",
+    "BASE_KINDS", "SLOT_KINDS", "TOOL_SLOTS", "TURN_KINDS", "Envelope", "SlotPolicy", "UnsupportedPolicy",
+    "authority_row", "authority_state_of", "complete", "empty_table", "grow_state", "grow_table", "host",
+    "initial_authority_state", "initial_escalation_state", "initial_evidence_state", "initial_phrase_state",
+    "initial_state", "per_row", "phrase_state_of", "reserve", "row_policy", "slot_gate", "state_of",
 ]
 
 _I32_MAX = np.iinfo(np.int32).max
@@ -72,6 +83,11 @@ _TOOL_AXES = {"granted": (1,), "max_calls": (1,), "max_total": (1,), "quota_min"
               "tool_rule": (0,), "quota_rule": (0,)}
 
 
+_ESCALATION_FILL = {"counter": 0, "at": _I32_MAX, "rule_id": NO_RULE, "goto": 0, "tok_chars": -1, "out_bits": 0,
+                    "refusal": -1, "refusal_len": None}
+_EVIDENCE_FILL = {"thresholds": None, "rule": None, "messages": -1, "message_len": None}
+
+
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
     if isinstance(tree, A.CompiledAuthority):
         out = {f"automaton.{k}": v for k, v in _shapes(tree.automaton).items()}
@@ -87,24 +103,29 @@ def _max_shapes(a: dict | None, b: dict | None) -> dict | None:
     return {k: tuple(max(x, y) for x, y in zip(a[k], b[k], strict=True)) for k in a}
 
 
+# The gate kinds of the slot table, in chain order (gate.policy's), and those always in the engine's chain.
+SLOT_KINDS = ("phrases", "structure", "authority", "escalation", "evidence")
+BASE_KINDS = ("phrases", "structure", "authority")
+# the kinds whose state the host builds per turn and the engine installs with the request (EngineRequest.<kind>_state)
+TURN_KINDS = SLOT_KINDS[2:]
+
+
 @dataclasses.dataclass(frozen=True)
 class Envelope:
-    """The padded shape of every array field of the slot table (None: no policy had this gate yet).
+    """The padded shape of every array field of the slot table, per gate kind (None: no policy had it yet).
 
-    Attributes:
-      phrases: field name -> shape of one slot's `CompiledPhrases` field.
-      structure: field name -> shape of one slot's `CompiledStructure` field.
-      authority: field name -> shape of one slot's `CompiledAuthority` field ("automaton.<field>" for the
-        call automaton's).
+    Attributes (one per kind of SLOT_KINDS): field name -> shape of one slot's compiled field (the authority's
+    call automaton fields are "automaton.<field>").
     """
 
     phrases: dict | None = None
     structure: dict | None = None
     authority: dict | None = None
+    escalation: dict | None = None
+    evidence: dict | None = None
 
     def union(self, other: Envelope) -> Envelope:
-        return Envelope(_max_shapes(self.phrases, other.phrases), _max_shapes(self.structure, other.structure),
-                        _max_shapes(self.authority, other.authority))
+        return Envelope(**{k: _max_shapes(getattr(self, k), getattr(other, k)) for k in SLOT_KINDS})
 
     def covers(self, other: Envelope) -> bool:
         return self.union(other) == self
@@ -113,7 +134,12 @@ class Envelope:
         def freeze(d):
             return None if d is None else tuple(sorted(d.items()))
 
-        return freeze(self.phrases), freeze(self.structure), freeze(self.authority)
+        return tuple(freeze(getattr(self, k)) for k in SLOT_KINDS)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds in the engine's chain: the base kinds and every kind some policy needed."""
+        return tuple(k for k in SLOT_KINDS if k in BASE_KINDS or getattr(self, k) is not None)
 
 
 def _minimal_phrases(vocab_size: int) -> CompiledPhrases:
@@ -150,6 +176,20 @@ def _minimal_authority(vocab_size: int) -> A.CompiledAuthority:
         refusal=np.full((8,), -1, np.int32), refusal_len=np.asarray(0, np.int32))
 
 
+def _minimal_escalation(vocab_size: int) -> X.CompiledEscalation:
+    """An escalation table with no rule (the entry of a slot whose policy has none)."""
+    i32 = functools.partial(np.full, dtype=np.int32)
+    return X.CompiledEscalation(counter=i32((1,), 0), at=i32((1,), _I32_MAX), rule_id=i32((1,), NO_RULE),
+                                goto=i32((1, 1), 0), tok_chars=i32((vocab_size, 1), -1), out_bits=i32((1,), 0),
+                                refusal=i32((1,), -1), refusal_len=np.asarray(0, np.int32))
+
+
+def _minimal_evidence(vocab_size: int) -> EV.CompiledEvidence:
+    del vocab_size
+    return EV.CompiledEvidence(thresholds=np.ones((3,), np.float32), rule=np.full((4,), NO_RULE, np.int32),
+                               messages=np.full((4, 1), -1, np.int32), message_len=np.zeros((4,), np.int32))
+
+
 def _widen_tools(a: A.CompiledAuthority) -> A.CompiledAuthority:
     """The tool axis padded to TOOL_SLOTS (numpy), with the fill values that keep the gate's meaning."""
     out = {}
@@ -158,10 +198,6 @@ def _widen_tools(a: A.CompiledAuthority) -> A.CompiledAuthority:
         widths = [(0, TOOL_SLOTS - x.shape[i]) if i in axes else (0, 0) for i in range(x.ndim)]
         out[k] = np.pad(x, widths, constant_values=_AUTHORITY_FILL[k])
     return a.replace(**out)
-
-
-# The gate kinds of the slot table, in chain order.
-SLOT_KINDS = ("phrases", "structure", "authority")
 
 
 class UnsupportedPolicy(ValueError):
@@ -177,12 +213,16 @@ class SlotPolicy:
       phrases: its phrase tables (numpy), or None when the policy has no phrase rule.
       structure: its structure automaton (numpy), or None when the policy sets no structure.
       authority: its authority tables (numpy, tool axis TOOL_SLOTS wide), or None when it defines no tools.
+      escalation: its escalation rules and topic automaton (numpy), or None.
+      evidence: its evidence-budget thresholds and messages (numpy), or None.
     """
 
     compiled: CompiledPolicy
     phrases: CompiledPhrases | None
     structure: CompiledStructure | None
     authority: A.CompiledAuthority | None = None
+    escalation: X.CompiledEscalation | None = None
+    evidence: EV.CompiledEvidence | None = None
 
     @classmethod
     def from_compiled(cls, compiled: CompiledPolicy) -> SlotPolicy:
@@ -191,34 +231,53 @@ class SlotPolicy:
         missing = [k for k in compiled.kinds if k not in SLOT_KINDS]
         if missing:
             raise UnsupportedPolicy(f"policy {compiled.policy.name!r} needs the {', '.join(missing)} gate(s), which "
-                                    f"the server's per-slot gate does not carry yet (it has {', '.join(SLOT_KINDS)})")
+                                    f"the server's per-slot gate does not carry (it has {', '.join(SLOT_KINDS)})")
         parts = dict(zip(compiled.kinds, compiled.arrays, strict=True))
-        host = functools.partial(jax.tree.map, np.asarray)
-        phrases = parts.get("phrases")
-        structure = parts.get("structure")
-        authority = parts.get("authority")
-        return cls(compiled, None if phrases is None else host(phrases),
-                   None if structure is None else host(structure),
-                   None if authority is None else _widen_tools(host(authority)))
+        tables = {k: None if parts.get(k) is None else host(parts[k]) for k in SLOT_KINDS}
+        if tables["authority"] is not None:
+            tables["authority"] = _widen_tools(tables["authority"])
+        return cls(compiled, **tables)
 
     @property
     def policy_hash(self) -> str:
         return self.compiled.policy_hash
 
+    def table(self, kind: str):
+        """The compiled tables of one kind (numpy), or None when the policy has no rule of it."""
+        return getattr(self, kind)
+
     def envelope(self) -> Envelope:
-        return Envelope(None if self.phrases is None else _shapes(self.phrases),
-                        None if self.structure is None else _shapes(self.structure),
-                        None if self.authority is None else _shapes(self.authority))
+        return Envelope(**{k: None if self.table(k) is None else _shapes(self.table(k)) for k in SLOT_KINDS})
+
+
+def _absent(entry) -> bool:
+    """An entry of a kind not in the chain (the table's and the state's placeholder)."""
+    return isinstance(entry, tuple) and not entry
 
 
 def _pad(a: Any, shape: tuple[int, ...], fill, xp, lead: int = 0):
-    """Pads `a` (with `lead` leading slot axes left alone) up to `shape` on the trailing axes."""
+    """Pads `a` (with `lead` leading slot axes left alone) up to `shape` on the trailing axes.
+
+    `fill`: a constant, "edge" (repeat the last entry), or a tuple with one of those per trailing axis."""
     widths = [(0, 0)] * lead + [(0, t - s) for s, t in zip(a.shape[lead:], shape, strict=True)]
     if all(w == (0, 0) for w in widths):
+        return a
+    if isinstance(fill, tuple):
+        for axis, f in enumerate(fill):
+            one = [(0, 0)] * a.ndim
+            one[lead + axis] = widths[lead + axis]
+            if one[lead + axis] != (0, 0):
+                a = xp.pad(a, one, mode="edge") if f == "edge" else xp.pad(a, one, constant_values=f)
         return a
     if fill == "edge":
         return xp.pad(a, widths, mode="edge")
     return xp.pad(a, widths, constant_values=fill)
+
+
+def _pad_fields(tree, env: dict, fills: dict, xp=np, lead: int = 0):
+    """A flat compiled dataclass padded field by field (fill None: the field's shape never changes)."""
+    return type(tree)(**{k: getattr(tree, k) if fills[k] is None else _pad(getattr(tree, k), shape, fills[k], xp, lead)
+                         for k, shape in env.items()})
 
 
 def _pad_phrases(p: CompiledPhrases, env: dict, xp=np, lead: int = 0) -> CompiledPhrases:
@@ -248,27 +307,48 @@ def _pad_authority(a: A.CompiledAuthority, env: dict, xp=np, lead: int = 0) -> A
     return A.CompiledAuthority(automaton=_pad_structure(a.automaton, auto, xp, lead), **out)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    """How one gate kind sits in the slot table: its smallest table and how a table is padded to the envelope."""
+
+    minimal: Callable[[int], Any]  # vocab_size -> the table of a slot whose policy lacks the kind (numpy)
+    pad: Callable[..., Any]  # (table, env fields, xp, lead) -> the table padded to the envelope
+
+
+_KINDS = {
+    "phrases": _Kind(_minimal_phrases, _pad_phrases),
+    "structure": _Kind(_minimal_structure, _pad_structure),
+    "authority": _Kind(_minimal_authority, _pad_authority),
+    "escalation": _Kind(_minimal_escalation, functools.partial(_pad_fields, fills=_ESCALATION_FILL)),
+    "evidence": _Kind(_minimal_evidence, functools.partial(_pad_fields, fills=_EVIDENCE_FILL)),
+}
+
+
 def _complete(env: Envelope, vocab_size: int) -> Envelope:
-    """The envelope with the minimal tables filled in for gates no policy used yet."""
-    return env.union(Envelope(_shapes(_minimal_phrases(vocab_size)), _shapes(_minimal_structure(vocab_size)),
-                              _shapes(_minimal_authority(vocab_size))))
+    """The envelope with the minimal tables filled in for the base kinds no policy used yet."""
+    return env.union(Envelope(**{k: _shapes(_KINDS[k].minimal(vocab_size)) for k in BASE_KINDS}))
+
+
+def _entry(kind: str, policy: SlotPolicy | None, env: Envelope, vocab_size: int):
+    """One slot's (enabled Bool[1], tables with leading axis 1) for one kind, padded to `env` (numpy)."""
+    spec = _KINDS[kind]
+    table = None if policy is None else policy.table(kind)
+    padded = spec.pad(table if table is not None else spec.minimal(vocab_size), getattr(env, kind), xp=np, lead=0)
+    return np.asarray([table is not None]), jax.tree.map(lambda x: np.asarray(x)[None], padded)
 
 
 def row_policy(policy: SlotPolicy | None, env: Envelope, vocab_size: int):
-    """One slot's entry of the table (leading axis 1, numpy), padded to `env` (complete it first).
+    """One slot's entry of the table (leading axis 1, numpy), padded to `env` (complete it first): a tuple over
+    SLOT_KINDS, `()` for a kind not in the chain.
 
     A None policy (or a missing gate kind) gives a disabled entry of minimal tables.
     """
     env = _complete(env, vocab_size)
-    phrases = policy.phrases if policy is not None and policy.phrases is not None else None
-    structure = policy.structure if policy is not None and policy.structure is not None else None
-    authority = policy.authority if policy is not None and policy.authority is not None else None
-    p = _pad_phrases(phrases if phrases is not None else _minimal_phrases(vocab_size), env.phrases)
-    s = _pad_structure(structure if structure is not None else _minimal_structure(vocab_size), env.structure)
-    a = _pad_authority(authority if authority is not None else _minimal_authority(vocab_size), env.authority)
-    one = functools.partial(jax.tree.map, lambda x: np.asarray(x)[None])
-    return ((np.asarray([phrases is not None]), one(p)), (np.asarray([structure is not None]), one(s)),
-            (np.asarray([authority is not None]), one(a)))
+    if policy is not None:
+        lacking = [k for k in SLOT_KINDS if policy.table(k) is not None and k not in env.kinds]
+        if lacking:
+            raise ValueError(f"the envelope has no room for the {', '.join(lacking)} gate(s): fit the policy first")
+    return tuple(_entry(k, policy, env, vocab_size) if k in env.kinds else () for k in SLOT_KINDS)
 
 
 def empty_table(env: Envelope, vocab_size: int, slots: int):
@@ -278,33 +358,46 @@ def empty_table(env: Envelope, vocab_size: int, slots: int):
 
 
 def grow_table(table, env: Envelope, vocab_size: int):
-    """The device table padded to a larger envelope (entries keep their meaning)."""
+    """The device table padded to a larger envelope (entries keep their meaning); a kind new to the chain gets a
+    disabled entry for every slot."""
     env = _complete(env, vocab_size)
-    (pe, pa), (se, sa), (ae, aa) = table
-    return ((pe, _pad_phrases(pa, env.phrases, jnp, lead=1)), (se, _pad_structure(sa, env.structure, jnp, lead=1)),
-            (ae, _pad_authority(aa, env.authority, jnp, lead=1)))
+    slots = table[0][0].shape[0]
+    out = []
+    for k, entry in zip(SLOT_KINDS, table, strict=True):
+        if k not in env.kinds:
+            out.append(())
+        elif _absent(entry):
+            enabled, arrays = _entry(k, None, env, vocab_size)
+            out.append(jax.tree.map(lambda x: jnp.asarray(np.repeat(x, slots, axis=0)), (enabled, arrays)))
+        else:
+            enabled, arrays = entry
+            out.append((enabled, _KINDS[k].pad(arrays, getattr(env, k), xp=jnp, lead=1)))
+    return tuple(out)
 
 
 def reserve(env: Envelope, vocab_size: int, *, phrase_factor: int = 2, structure_states: int = 0,
-            structure_edges: int = 0) -> Envelope:
-    """`env` grown ahead of time: phrase rule and automaton axes times `phrase_factor`, and room for a structure
-    automaton of the given states and edges (the vocabulary axes never change)."""
+            structure_edges: int = 0, message_tokens: int = 0) -> Envelope:
+    """`env` grown ahead of time: phrase rule and automaton axes times `phrase_factor`, room for phrase messages of
+    `message_tokens` tokens (a request's substitute or refuse phrase), and room for a structure automaton of the
+    given states and edges (the vocabulary axes never change)."""
     env = _complete(env, vocab_size)
     f = max(1, int(phrase_factor))
     p = dict(env.phrases)
     for k in ("goto", "out_rule", "out_suppress", "mask_row", "suppress_bits", "rule_id", "rule_action", "messages",
               "message_len"):
         p[k] = (p[k][0] * f,) + p[k][1:]
+    if message_tokens > 0:  # the phrase compiler's bucket: a power of two
+        p["messages"] = (p["messages"][0], max(p["messages"][1], 1 << (int(message_tokens) - 1).bit_length()))
     s = dict(env.structure)
     n_states = max(s["allowed"][0], int(structure_states))
     n_edges = max(s["tokens"][0], int(structure_edges))
     s.update(allowed=(n_states,) + s["allowed"][1:], offsets=(n_states + 1,), accepting=(n_states,),
              tokens=(n_edges,), next_state=(n_edges,))
-    return Envelope(p, s, env.authority)
+    return dataclasses.replace(env, phrases=p, structure=s)
 
 
 def complete(env: Envelope, vocab_size: int) -> Envelope:
-    """`env` with minimal shapes for the gates that no policy has used yet (what the table actually holds)."""
+    """`env` with minimal shapes for the base gates that no policy has used yet (what the table actually holds)."""
     return _complete(env, vocab_size)
 
 
@@ -389,21 +482,77 @@ def per_row(inner: Gate) -> Gate:
     return Gate(init, evaluate, check, advance)
 
 
-@functools.cache
-def slot_gate(vocab_size: int, eos_id: int) -> Gate:
-    """The engine's gate: per-row phrase, structure and authority gates (cached: one object per vocabulary).
+def _over_slot_kinds(inner: Gate, present: tuple[int, ...]) -> Gate:
+    """`inner` (a chain over the kinds at positions `present` of SLOT_KINDS) taking and returning full tuples over
+    SLOT_KINDS, with `()` for the kinds not in the chain (so a kind's entry sits at the same index in every
+    engine)."""
 
-    Its policy is the slot table `((phrases_enabled, CompiledPhrases), (structure_enabled, CompiledStructure),
-    (authority_enabled, CompiledAuthority))` with a leading slot axis; its state is `(PhraseState,
-    StructureState, AuthorityState)` with a leading slot axis.
+    def pick(t):
+        return tuple(t[i] for i in present)
+
+    def put(sub):
+        out = [()] * len(SLOT_KINDS)
+        for i, s in zip(present, sub, strict=True):
+            out[i] = s
+        return tuple(out)
+
+    def init(policy, batch):
+        return put(inner.init(pick(policy), batch))
+
+    def evaluate(policy, state, logits):
+        d = inner.evaluate(pick(policy), pick(state), logits)
+        return d if d.state is None else d.replace(state=put(d.state))
+
+    def check(policy, state, token):
+        return inner.check(pick(policy), pick(state), token)
+
+    def advance(policy, state, token, emitted, seen=None):
+        return put(inner.advance(pick(policy), pick(state), token, emitted, seen))
+
+    return Gate(init, evaluate, check, advance)
+
+
+def _inner_gate(kind: str, vocab_size: int, eos_id: int) -> Gate:
+    if kind == "phrases":
+        return phrase_gate(vocab_size)
+    if kind == "structure":
+        return structure_gate(vocab_size, eos_id)
+    if kind == "authority":
+        return A.authority_gate(vocab_size)
+    if kind == "escalation":
+        return X.escalation_gate(vocab_size)
+    return EV.evidence_gate(vocab_size)
+
+
+@functools.cache
+def slot_gate(vocab_size: int, eos_id: int, kinds: tuple[str, ...] = BASE_KINDS) -> Gate:
+    """The engine's gate: per-row gates of `kinds` (a subset of SLOT_KINDS holding BASE_KINDS), chained in
+    SLOT_KINDS order (cached: one object per vocabulary and kinds).
+
+    Its policy is the slot table, a tuple over SLOT_KINDS of `(enabled, compiled tables)` with a leading slot axis
+    (`()` for a kind not in `kinds`); its state is a tuple over SLOT_KINDS of the kinds' states with a leading
+    slot axis (`()` likewise).
     """
-    return chain(per_row(phrase_gate(vocab_size)), per_row(structure_gate(vocab_size, eos_id)),
-                 per_row(A.authority_gate(vocab_size)))
+    unknown = set(kinds) - set(SLOT_KINDS)
+    if unknown or not set(BASE_KINDS) <= set(kinds):
+        raise ValueError(f"kinds {kinds}: expected a subset of {SLOT_KINDS} holding {BASE_KINDS}")
+    present = tuple(i for i, k in enumerate(SLOT_KINDS) if k in kinds)
+    inner = chain(*(per_row(_inner_gate(SLOT_KINDS[i], vocab_size, eos_id)) for i in present))
+    return _over_slot_kinds(inner, present)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-slot state (numpy, leading axis = rows).
+
+
+def state_of(gate_state, kind: str):
+    """One kind's part of a slot-gate state (`()` when the kind is not in the engine's chain)."""
+    return gate_state[SLOT_KINDS.index(kind)]
 
 
 def phrase_state_of(gate_state) -> PhraseState:
     """The phrase-gate part of a slot-gate state (what a session carries from one turn to the next)."""
-    return gate_state[0]
+    return state_of(gate_state, "phrases")
 
 
 def initial_phrase_state(rows: int = 1) -> PhraseState:
@@ -412,10 +561,9 @@ def initial_phrase_state(rows: int = 1) -> PhraseState:
                        forced_pos=np.zeros((rows,), np.int32))
 
 
-
 def authority_state_of(gate_state) -> A.AuthorityState:
     """The authority part of a slot-gate state (whether the turn ended on a complete call, and where)."""
-    return gate_state[2]
+    return state_of(gate_state, "authority")
 
 
 def initial_authority_state(rows: int = 1) -> A.AuthorityState:
@@ -424,6 +572,41 @@ def initial_authority_state(rows: int = 1) -> A.AuthorityState:
     return A.AuthorityState(principal=z, mode=z + A.NONE, named=z - 1, forbidden=z.copy(),
                             calls=np.zeros((rows, TOOL_SLOTS), np.int32), spent=np.zeros((rows, TOOL_SLOTS), np.int32),
                             phase=z + A.FREE, num=z.copy(), msg_pos=z - 1, boundary=np.zeros((rows,), bool))
+
+
+def host(tree):
+    """A state pytree copied to numpy (what `EngineRequest` takes)."""
+    return jax.tree.map(np.asarray, tree)
+
+
+def initial_escalation_state(rows: int = 1) -> X.EscalationState:
+    """An escalation state with zero counters and no topic rule active (numpy)."""
+    return host(X.begin_turn(None, np.zeros((rows, len(X.COUNTERS)), np.int32), np.zeros((rows,), np.int32)))
+
+
+def initial_evidence_state(rows: int = 1) -> EV.EvidenceState:
+    """An evidence state with the budget off (numpy)."""
+    return host(EV.begin_turn([None] * rows))
+
+
+def initial_state(kind: str, rows: int = 1):
+    """A kind's neutral state for `rows` slots (numpy): what a slot starts from when its request brings none."""
+    if kind == "phrases":
+        return initial_phrase_state(rows)
+    if kind == "authority":
+        return initial_authority_state(rows)
+    if kind == "escalation":
+        return initial_escalation_state(rows)
+    if kind == "evidence":
+        return initial_evidence_state(rows)
+    raise ValueError(f"no per-turn state for the {kind} gate")
+
+
+def grow_state(gate_state, kinds: tuple[str, ...], rows: int):
+    """A device slot-gate state with the kinds new to the chain added in their neutral state (the slots running
+    now have no policy of those kinds)."""
+    return tuple(jax.tree.map(jnp.asarray, initial_state(k, rows)) if k in kinds and _absent(s) else s
+                 for k, s in zip(SLOT_KINDS, gate_state, strict=True))
 
 
 def authority_row(policy: SlotPolicy, *, principal: int, mode: int, named: int = -1, forbidden: int = 0,

@@ -5,9 +5,11 @@
   `Policy.merge_child` at the levels deployment, agent, session and turn; a fragment can only tighten. Merged
   and compiled policies are cached by content.
 * `SessionStore`: per-(principal, session id) state in SQLite (WAL, synchronous=FULL): the session's policy
-  fragments, the phrase gate's state after the last turn (with the hash of the policy it belongs to), and the
-  ledger of admitted tool calls (tool, quota amount), from which every turn rebuilds its quotas. The
-  key includes the principal, so a principal can never read or continue another principal's session.
+  fragments, the phrase gate's state after the last turn (with the hash of the policy it belongs to), the
+  ledger of admitted tool calls (tool, quota amount), from which every turn rebuilds its quotas, and the
+  escalation counters (violations, refusals, blocked), which hold whatever the policy (they are facts about the
+  session, as in `gate.session`). The key includes the principal, so a principal can never read or continue
+  another principal's session.
 * `AuditTrail`: the hash-chained audit log (`gate.audit.AuditLog`), with lookup restricted to the record's
   own principal.
 
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from gate.audit import AuditLog, AuditRecord, repair, state_hash, verify
+from gate.escalation import COUNTERS
 from gate.phrases import PhraseState
 from gate.policy import CompiledPolicy, Policy, PolicyError, compile_policy
 from serving.gating import SlotPolicy
@@ -185,6 +188,7 @@ class Session:
       last_record_id / last_verdict: the last turn's audit record and verdict.
       created / updated: RFC 3339 UTC times.
       ledger: the admitted tool calls, [tool name, quota amount] each, oldest first.
+      counters: the escalation counters after the last turn (`gate.escalation.COUNTERS` order).
     """
 
     principal: str
@@ -198,12 +202,14 @@ class Session:
     created: str = ""
     updated: str = ""
     ledger: tuple = ()
+    counters: tuple = (0, 0, 0)
 
     def public(self) -> dict:
         return {"id": self.session_id, "object": "aq.session", "turns": self.turns, "policy": list(self.fragments),
                 "state_policy_hash": self.state_policy_hash, "last_record_id": self.last_record_id,
                 "last_verdict": self.last_verdict, "created": self.created, "updated": self.updated,
-                "tool_calls": [{"name": t, "amount": a} for t, a in self.ledger]}
+                "tool_calls": [{"name": t, "amount": a} for t, a in self.ledger],
+                "counters": dict(zip(COUNTERS, self.counters, strict=True))}
 
 
 _SCHEMA = """
@@ -219,6 +225,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_record_id TEXT,
     last_verdict TEXT,
     ledger TEXT NOT NULL DEFAULT '[]',
+    counters TEXT NOT NULL DEFAULT '[0,0,0]',
     PRIMARY KEY (principal, session_id)
 )
 """
@@ -237,19 +244,21 @@ class SessionStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         if "ledger" not in columns:  # a store written before tool calls
             self._db.execute("ALTER TABLE sessions ADD COLUMN ledger TEXT NOT NULL DEFAULT '[]'")
+        if "counters" not in columns:  # a store written before escalation
+            self._db.execute("ALTER TABLE sessions ADD COLUMN counters TEXT NOT NULL DEFAULT '[0,0,0]'")
 
     def get(self, principal: str, session_id: str) -> Session | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT created, updated, turns, fragments, state_policy_hash, phrase_state, last_record_id, "
-                "last_verdict, ledger FROM sessions WHERE principal = ? AND session_id = ?",
+                "last_verdict, ledger, counters FROM sessions WHERE principal = ? AND session_id = ?",
                 (principal, session_id)).fetchone()
         if row is None:
             return None
-        created, updated, turns, fragments, sph, blob, rid, verdict, ledger = row
+        created, updated, turns, fragments, sph, blob, rid, verdict, ledger, counters = row
         return Session(principal, session_id, tuple(json.loads(fragments)), turns, sph,
                        None if blob is None else _unpack_state(blob), rid, verdict, created, updated,
-                       tuple(tuple(e) for e in json.loads(ledger)))
+                       tuple(tuple(e) for e in json.loads(ledger)), tuple(int(c) for c in json.loads(counters)))
 
     def add_fragment(self, principal: str, session_id: str, fragment: Mapping) -> Session:
         """Appends a session-level policy fragment (the caller has checked that it merges)."""
@@ -273,27 +282,33 @@ class SessionStore:
         return self.get(principal, session_id)
 
     def commit_turn(self, principal: str, session_id: str, policy_hash: str | None, phrase_state: PhraseState | None,
-                    record_id: str | None, verdict: str | None, tool_call: tuple[str, int] | None = None) -> None:
-        """Records a finished turn: the phrase state to resume from, its audit record, and the tool call it made
-        (appended to the session's ledger, in the same transaction)."""
+                    record_id: str | None, verdict: str | None, tool_call: tuple[str, int] | None = None,
+                    counters: Sequence[int] | None = None) -> None:
+        """Records a finished turn: the phrase state to resume from, its audit record, the tool call it made
+        (appended to the session's ledger) and the escalation counters after it (None: unchanged), in one
+        transaction."""
         now = _now()
         blob = None if phrase_state is None else _pack_state(phrase_state)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT ledger FROM sessions WHERE principal = ? AND session_id = ?",
+                row = self._db.execute("SELECT ledger, counters FROM sessions WHERE principal = ? AND session_id = ?",
                                        (principal, session_id)).fetchone()
                 ledger = [] if row is None else json.loads(row[0])
                 if tool_call is not None:
                     ledger.append([str(tool_call[0]), int(tool_call[1])])
+                if counters is None:
+                    counters = [0] * len(COUNTERS) if row is None else json.loads(row[1])
                 self._db.execute(
                     "INSERT INTO sessions (principal, session_id, created, updated, turns, state_policy_hash, "
-                    "phrase_state, last_record_id, last_verdict, ledger) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?) "
+                    "phrase_state, last_record_id, last_verdict, ledger, counters) "
+                    "VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (principal, session_id) DO UPDATE SET turns = turns + 1, "
                     "updated = excluded.updated, state_policy_hash = excluded.state_policy_hash, "
                     "phrase_state = excluded.phrase_state, last_record_id = excluded.last_record_id, "
-                    "last_verdict = excluded.last_verdict, ledger = excluded.ledger",
-                    (principal, session_id, now, now, policy_hash, blob, record_id, verdict, _canonical(ledger)))
+                    "last_verdict = excluded.last_verdict, ledger = excluded.ledger, counters = excluded.counters",
+                    (principal, session_id, now, now, policy_hash, blob, record_id, verdict, _canonical(ledger),
+                     _canonical([int(c) for c in counters])))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

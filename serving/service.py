@@ -20,6 +20,11 @@ Tool calls (serving/tools.py): a turn with tools gets its authority state from t
 admitted (under the session lock); when its choice finishes, the action boundary (`tools.decide`) admits or
 refuses the proposed call on the asyncio thread, and the persistence thread writes the decision into the audit
 record and the admitted call into the ledger, in the same commit as the turn.
+
+Session-aware gates (serving/context.py): a turn gets its escalation state (which rules the session's counters
+activated) and its evidence budget when it is admitted (under the session lock) and installs them with its
+engine requests; when choice 0 finishes, the session's counters advance in the same commit as the turn. The `aq`
+object reports the counters, the active rules and the budget (with what was spent); the audit record notes them.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aqjax.sampling import SamplingConfig
+from gate import authority as A
 from gate.audit import AuditRecord, state_hash
 from gate.core import Verdict
 from gate.policy import Policy, PolicyError, load_policy, parse_policy
 from gate.turn import audit_events
-from serving import gating, tools
+from serving import context, gating, tools
 from serving.config import ServerConfig
 from serving.engine import Draining, Engine, EngineRequest, Failed, Finished, QueueFull, SlotResult, Tokens
 from serving.governance import AuditTrail, PolicyBook, Principal, SessionStore, is_loosening
@@ -57,6 +63,7 @@ _EMPTY_POLICY = "aqjax_policy: 1\nname: none\n"
 _GATE_FINISH = {Verdict.REFUSE: "refused", Verdict.DEFER: "deferred", Verdict.CLARIFY: "clarify",
                 Verdict.DOWNGRADE: "gate", Verdict.ADMIT: "gate"}
 _NO_TOOL = tools.ToolOutcome()
+_NO_CONTEXT = context.TurnContext()
 
 
 class APIError(Exception):
@@ -101,6 +108,7 @@ class GenerationParams:
     session_fragment: dict | None = None
     tools: tools.ToolPlan | None = None
     top_logprobs: int | None = None  # None: no log-probabilities; else alternatives per token
+    evidence: tuple[str, ...] = ()  # evidence texts in the context (tool results), for the evidence budget
 
 
 @dataclasses.dataclass
@@ -190,6 +198,7 @@ class _Call:
     route: str
     results: dict = dataclasses.field(default_factory=dict)
     ledger: tuple = ()  # the session's tool calls before this turn
+    turn: context.TurnContext = _NO_CONTEXT  # what the session and the request gave the turn's gates
 
 
 class Service:
@@ -258,8 +267,10 @@ class Service:
                         vocab_size=m.cfg.vocab_size)
         if c.governed:
             engine.fit_policy(self.book.compile(deployment))
+            # room for a request's substitute or refuse phrase with one of the deployment's messages
+            longest = max((len(tok.encode(m, parse_special=False)) for m in deployment.messages.values()), default=0)
             engine.reserve(phrase_factor=c.reserve_phrase_factor, structure_states=c.reserve_structure_states,
-                           structure_edges=c.reserve_structure_edges)
+                           structure_edges=c.reserve_structure_edges, message_tokens=longest)
             state_dir = os.path.expanduser(c.state_dir)
             os.makedirs(state_dir, exist_ok=True)
             self.audit = AuditTrail(os.path.join(state_dir, "audit.jsonl"))
@@ -449,6 +460,14 @@ class Service:
             if session is not None and session.phrase_state is not None and session.state_policy_hash == policy.hash:
                 phrase_state = session.phrase_state
             ledger = session.ledger if session is not None else ()
+            turn = context.TurnContext()
+            if self.governed:
+                turn = context.prepare(slot_policy, principal.name,
+                                       counters=session.counters if session is not None else context.FRESH_COUNTERS,
+                                       evidence=p.evidence, tokenizer=self.tokenizer,
+                                       tool_mode=p.tools.mode if p.tools is not None else A.NONE)
+                if p.tools is not None and set(turn.forbidden) & set(p.tools.offered):
+                    p = dataclasses.replace(p, tools=tools.forbid(p.tools, turn.forbidden, "forbidden by escalation"))
             authority_state = None
             if p.tools is not None and p.tools.active:
                 if slot_policy.structure is not None:
@@ -457,7 +476,7 @@ class Service:
                 if slot_policy.authority is None:  # plans come from the same tools section: cannot happen
                     raise APIError(500, "the effective policy lost its tools", code="internal_error")
                 authority_state = tools.turn_state(slot_policy, p.tools, ledger)
-            call = self._submit(principal, p, policy, slot_policy, phrase_state, lock, route, authority_state)
+            call = self._submit(principal, p, policy, slot_policy, phrase_state, lock, route, authority_state, turn)
             call.ledger = ledger
             return call
         except BaseException:
@@ -481,12 +500,12 @@ class Service:
                 self._abandon(call)
 
     def _submit(self, principal, p: GenerationParams, policy, slot_policy, phrase_state, lock, route,
-                authority_state=None) -> _Call:
+                authority_state=None, turn: context.TurnContext = _NO_CONTEXT) -> _Call:
         from models.tokenizer import StreamDecoder
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        call = _Call(principal, p, policy, slot_policy, queue, [], lock, route)
+        call = _Call(principal, p, policy, slot_policy, queue, [], lock, route, turn=turn)
         base_seed = p.seed if p.seed is not None else secrets.randbits(62)
         for i in range(p.n):
             def sink(event, i=i):
@@ -498,7 +517,8 @@ class Service:
             sampling = SamplingConfig(temperature=p.temperature, top_p=p.top_p, seed=(base_seed + i) % 2**63)
             req = EngineRequest(prompt=p.prompt, max_new=p.max_tokens, sink=sink, sampling=sampling,
                                 policy=slot_policy, phrase_state=phrase_state if i == 0 else None,
-                                authority_state=authority_state, top_logprobs=p.top_logprobs)
+                                authority_state=authority_state, escalation_state=turn.escalation_state,
+                                evidence_state=turn.evidence_state, top_logprobs=p.top_logprobs)
             hold = tools.CallHold() if authority_state is not None else None
             call.choices.append(_Choice(i, req, StreamDecoder(self.tokenizer), StopScanner(p.stop), hold=hold,
                                         logprobs=None if p.top_logprobs is None else []))
@@ -659,7 +679,8 @@ class Service:
     def _persist(self, call: _Call, ch: _Choice, result: SlotResult, finish: str,
                  outcome: tools.ToolOutcome = _NO_TOOL) -> AuditRecord:
         compiled = call.slot_policy.compiled
-        events = list(audit_events(compiled, self.tokenizer, result))
+        events = context.audit_events(call.turn, call.slot_policy)
+        events += audit_events(compiled, self.tokenizer, result)
         events += tools.audit_events(compiled, call.params.tools, outcome, len(result.tokens))
         record = self.audit.append({
             "policy_hash": compiled.policy_hash,
@@ -675,8 +696,11 @@ class Service:
         if call.params.session_id is not None and ch.index == 0:
             phrase_state = None if result.gate_state is None else gating.phrase_state_of(result.gate_state)
             spent = None if outcome.call is None else (outcome.call.name, outcome.amount)
+            counters = context.next_counters(compiled, call.turn.counters, verdict=record.final_verdict,
+                                             rules=[e["rule"] for e in events],
+                                             boundary_refused=outcome.reason is not None)
             self.sessions.commit_turn(call.principal.name, call.params.session_id, call.policy.hash, phrase_state,
-                                      record.record_id, record.final_verdict, spent)
+                                      record.record_id, record.final_verdict, spent, counters)
         return record
 
     def _aq(self, call: _Call, result: SlotResult, finish: str, record: AuditRecord | None,
@@ -707,6 +731,7 @@ class Service:
             "audit_id": None if record is None else record.record_id,
             "session_id": call.params.session_id,
         }
+        out.update(context.public(call.turn, call.slot_policy, result.gate_state))
         if call.params.tools is not None:
             out["tools"] = {**call.params.tools.public(),
                             "call": None if outcome.call is None else {"name": outcome.call.name,

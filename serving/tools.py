@@ -55,7 +55,7 @@ from serving import gating
 
 __all__ = [
     "CallHold", "ToolNotPermitted", "ToolOutcome", "ToolPlan", "ToolRequest", "ToolRequestError", "audit_events",
-    "conversation", "decide", "ledger_usage", "openai_call", "parse_request", "plan", "turn_state",
+    "conversation", "decide", "forbid", "ledger_usage", "openai_call", "parse_request", "plan", "turn_state",
 ]
 
 _MODE_NAMES = {A.NONE: "none", A.AUTO: "auto", A.REQUIRED: "required"}
@@ -190,6 +190,19 @@ def plan(policy, principal: str, req: ToolRequest) -> ToolPlan:
     else:
         mode = A.REQUIRED
     return ToolPlan(req, principal, mode, tuple(offered), tuple(unavailable), req.named if mode == A.REQUIRED else None)
+
+
+def forbid(tp: ToolPlan, names, reason: str) -> ToolPlan:
+    """`tp` with the tools `names` no longer offered (e.g. forbidden by an active escalation rule): unavailable
+    with `reason`, forbidden to the gate's grammar and refused at the action boundary. An "auto" turn left with
+    nothing to call is a plain answer; a required one stays required, so the gate refuses it in-band."""
+    gone = [n for n in tp.offered if n in set(names)]
+    if not gone:
+        return tp
+    offered = tuple(n for n in tp.offered if n not in gone)
+    mode = A.NONE if tp.mode == A.AUTO and not offered else tp.mode
+    return dataclasses.replace(tp, offered=offered, unavailable=tp.unavailable + tuple((n, reason) for n in gone),
+                               mode=mode)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def test_a_policy_with_a_gate_the_slots_do_not_carry_fails_closed():
 
     from serving.gating import SlotPolicy, UnsupportedPolicy
 
-    compiled = SimpleNamespace(kinds=("phrases", "evidence"), arrays=((), ()), policy=SimpleNamespace(name="bank"))
-    with pytest.raises(UnsupportedPolicy, match="evidence"):
+    # every gate the policy compiler makes is carried; one it might add later must not be dropped silently
+    compiled = SimpleNamespace(kinds=("phrases", "telepathy"), arrays=((), ()), policy=SimpleNamespace(name="bank"))
+    with pytest.raises(UnsupportedPolicy, match="telepathy"):
         SlotPolicy.from_compiled(compiled)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding drafter (default: none)")
     p.add_argument("--draft-k", type=int, default=4, help=f"draft tokens per speculative step (1..{MAX_DRAFT_K})")
     p.add_argument("--draft", default=None, help="draft model folder for --speculative draft")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled programs here for the next run (default: $AQJAX_CACHE/xla)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, keep nothing")
     return p
 
 
@@ -67,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.draft and args.speculative != "draft":
         print("error: --draft needs --speculative draft", file=sys.stderr)
         return 2
+
+    if args.compile_cache and args.no_compile_cache:
+        print("error: --compile-cache and --no-compile-cache exclude each other", file=sys.stderr)
+        return 2
+    if not args.no_compile_cache:
+        from aqjax import compile_cache
+
+        compile_cache.enable(args.compile_cache)
 
     from models.errors import ModelFileError
     from models.loader import load_model

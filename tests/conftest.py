@@ -6,6 +6,14 @@ import pathlib
 
 import pytest
 
+if os.environ.get("AQJAX_TEST_COMPILE_CACHE", "1") != "0":
+    # Compiling is most of the suite's time: keep the programs in $AQJAX_CACHE/xla (aqjax.compile_cache), where
+    # the next run finds them (a changed program is a new key, never a stale hit). AQJAX_TEST_COMPILE_CACHE=0
+    # compiles everything afresh.
+    from aqjax import compile_cache
+
+    compile_cache.enable()
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():

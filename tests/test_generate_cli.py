@@ -22,6 +22,7 @@ def _run(capsys, *argv):
     (["--max-tokens", "-1", "hi"], "--max-tokens must be >= 0"),
     (["--temperature", "-1", "hi"], "temperature"),
     (["--audit", "hi"], "--audit and --audit-log need --policy"),
+    (["--compile-cache", "/tmp/x", "--no-compile-cache", "hi"], "exclude each other"),
 ])
 def test_bad_arguments_are_rejected_before_loading(capsys, argv, message):
     rc, out, err = _run(capsys, "--model", "/no/such/model.gguf", *argv)

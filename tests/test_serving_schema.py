@@ -1,13 +1,11 @@
 """schemathesis against the server's OpenAPI description (mock model): whatever it sends, no 5xx, and every
-error is in OpenAI's shape. Needs the `serving-test` extra (pip install -e .[serving-test])."""
+error is in OpenAI's shape. schemathesis comes with the `test` extra."""
 
 import pytest
-
-schemathesis = pytest.importorskip("schemathesis")
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from test_serving_api import POLICY, make_config, running  # noqa: E402
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from test_serving_api import POLICY, make_config, running
 
 AUTH = {"Authorization": "Bearer key-alice"}
 

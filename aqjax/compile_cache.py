@@ -53,5 +53,10 @@ def enable(directory: str | os.PathLike | None = None, *, max_bytes: int = 4 << 
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        import filelock  # noqa: F401  (jax bounds the cache's size under a file lock)
+    except ImportError:
+        log.warning("compile cache size unbounded: the filelock package is missing")
+        max_bytes = -1
     jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
     return path

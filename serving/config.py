@@ -10,6 +10,8 @@
     state_dir = "~/.local/state/aqjax"    # sessions.sqlite3 and audit.jsonl
     governed = true                 # false: no gate at all (benchmark baseline; no audit, no sessions)
     warmup = true                   # compile every shape before answering (503 until then)
+    compile_cache = "auto"          # compiled programs kept for the next start: "auto" = $AQJAX_CACHE/xla,
+                                    # a folder, or "" (off); see aqjax/compile_cache.py
     default_max_tokens = 512
     drain_timeout = 60.0            # seconds SIGTERM waits for running requests
     reserve_phrase_factor = 2       # room in the per-slot policy tables for requests' extra rules, so that
@@ -71,6 +73,7 @@ class ServerConfig:
     state_dir: str = "~/.local/state/aqjax"
     governed: bool = True
     warmup: bool = True
+    compile_cache: str = "auto"
     default_max_tokens: int = 512
     drain_timeout: float = 60.0
     reserve_phrase_factor: int = 2
@@ -150,6 +153,8 @@ def load_config(path: str | os.PathLike | None = None) -> ServerConfig:
     for key in ("model", "policy", "state_dir"):
         if key in server:
             server[key] = _resolve(str(server[key]), base)
+    if server.get("compile_cache", "auto") not in ("auto", ""):
+        server["compile_cache"] = _resolve(str(server["compile_cache"]), base)
     engine = dict(doc.get("engine", {}))
     _check_keys(engine, _ENGINE_KEYS, f"{path} [engine]")
     try:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 
 import uvicorn
 
+from aqjax import compile_cache
 from serving.api import create_app
 from serving.config import ConfigError, load_config
 from serving.governance import hash_key
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, help="seconds SIGTERM waits for running requests")
     p.add_argument("--no-gate", action="store_true", help="run without the gate (no policy, audit or sessions)")
     p.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at startup")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="keep compiled programs here for the next start (default: $AQJAX_CACHE/xla)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, keep nothing")
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.add_argument("--hash-key", metavar="KEY", help="print the sha256 to put in [[keys]] for KEY, and exit")
     return p
@@ -86,6 +91,12 @@ def config_from_args(args: argparse.Namespace):
         changes["governed"] = False
     if args.no_warmup:
         changes["warmup"] = False
+    if args.compile_cache is not None and args.no_compile_cache:
+        raise ConfigError("--compile-cache and --no-compile-cache exclude each other")
+    if args.compile_cache is not None:
+        changes["compile_cache"] = os.path.abspath(os.path.expanduser(args.compile_cache))
+    if args.no_compile_cache:
+        changes["compile_cache"] = ""
     return cfg.replace(**changes)
 
 
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.compile_cache:  # before anything compiles: the warm-up loads what an earlier start compiled
+        compile_cache.enable(None if cfg.compile_cache == "auto" else cfg.compile_cache)
     if len(cfg.keys) == 0:
         log.warning("no API keys configured: every request will get 401 (add [[keys]] to the config)")
     service = Service(cfg)

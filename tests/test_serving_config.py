@@ -32,6 +32,21 @@ def test_flags_override_the_file():
     assert cfg.engine.chunk_steps == load_config(SHIPPED).engine.chunk_steps
 
 
+def test_compile_cache_from_the_file_and_the_flags(tmp_path):
+    assert load_config(SHIPPED).compile_cache == "auto"
+    conf = tmp_path / "c.toml"
+    conf.write_text('[server]\ncompile_cache = "xla-here"\n')
+    assert load_config(conf).compile_cache == str(tmp_path / "xla-here")  # relative to the file
+    conf.write_text('[server]\ncompile_cache = ""\n')
+    assert load_config(conf).compile_cache == ""
+    off = config_from_args(build_parser().parse_args(["--config", SHIPPED, "--no-compile-cache"]))
+    assert off.compile_cache == ""
+    there = config_from_args(build_parser().parse_args(["--config", SHIPPED, "--compile-cache", str(tmp_path)]))
+    assert there.compile_cache == str(tmp_path)
+    with pytest.raises(ConfigError, match="exclude"):
+        config_from_args(build_parser().parse_args(["--compile-cache", "x", "--no-compile-cache"]))
+
+
 def test_bad_config_files_are_named(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nprot = 1\n")

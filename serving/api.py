@@ -33,7 +33,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import tools
+from serving import context, tools
 from serving.engine import compiler_thread
 from serving.governance import Principal
 from serving.schemas import ChatRequest, CompletionRequest, ErrorResponse, ResponseFormat
@@ -125,6 +125,18 @@ def _request_fragment(policy: dict | None, response_format: ResponseFormat | Non
     return fragment or None
 
 
+def _with_documents(request_messages, messages: list[dict], text: str) -> list[dict]:
+    """The chat-template messages with the documents' blocks put before the last user message's content."""
+    users = [i for i, m in enumerate(request_messages) if m.role == "user"]
+    if not users:
+        raise APIError(400, "documents are shown before the last user message; the conversation has none",
+                       param="documents")
+    i = users[-1] + len(messages) - len(request_messages)  # tools.conversation may put a system message first
+    out = list(messages)
+    out[i] = {**out[i], "content": text + out[i]["content"]}
+    return out
+
+
 def _stops(stop) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -211,7 +223,8 @@ class _Logprobs:
 
 def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_param: str,
             fragment: dict | None, tool_plan: tools.ToolPlan | None = None,
-            top_logprobs: int | None = None, evidence: tuple[str, ...] = ()) -> GenerationParams:
+            top_logprobs: int | None = None, evidence: tuple[str, ...] = (), documents: tuple = (),
+            withheld: tuple = (), said: tuple[str, ...] = ()) -> GenerationParams:
     return GenerationParams(
         prompt=prompt,
         max_tokens=svc.max_tokens_for(len(prompt), max_tokens, max_param),
@@ -226,6 +239,9 @@ def _params(svc: Service, body, prompt: list[int], max_tokens: int | None, max_p
         tools=tool_plan,
         top_logprobs=top_logprobs,
         evidence=evidence,
+        documents=documents,
+        withheld=withheld,
+        said=said,
     )
 
 
@@ -410,13 +426,17 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
             messages, specs = tools.conversation(body.messages, plan, policy, knows_tools=svc.template_knows_tools)
         except tools.ToolRequestError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+        documents, withheld = svc.screen_documents(who, body.documents)
+        if documents:
+            messages = _with_documents(body.messages, messages, context.blocks(documents))
         prompt = svc.chat_prompt(messages, specs)
         max_tokens, param = body.max_tokens, "max_tokens"
         if body.max_completion_tokens is not None:
             max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
         fragment = _request_fragment(body.policy, body.response_format)
         evidence = tuple(m.text() for m in body.messages if m.role == "tool")  # tool results are evidence
-        p = _params(svc, body, prompt, max_tokens, param, fragment, plan, top, evidence)
+        said = tuple(m.text() for m in body.messages if m.role in ("user", "assistant"))  # so is the conversation
+        p = _params(svc, body, prompt, max_tokens, param, fragment, plan, top, evidence, documents, withheld, said)
         call = await svc.begin(who, p, route="chat")
         rid, created = new_id("chatcmpl"), int(time.time())
         if body.stream:
@@ -448,8 +468,11 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
             if len(body.prompt) != 1:
                 raise APIError(400, "one prompt per request", param="prompt")
             prompt_text = body.prompt[0]
+        documents, withheld = svc.screen_documents(who, body.documents)
+        if body.documents and prompt_text is None:
+            raise APIError(400, "documents need a text prompt (they are shown before it)", param="documents")
         if prompt_text is not None:
-            prompt = svc.text_prompt(prompt_text)
+            prompt = svc.text_prompt(context.blocks(documents) + prompt_text)
         else:
             prompt = [int(t) for t in body.prompt]
             vocab = svc.model.cfg.vocab_size
@@ -458,7 +481,8 @@ def create_app(svc: Service, *, load_in_background: bool = True) -> FastAPI:
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
         p = _params(svc, body, prompt, body.max_tokens if body.max_tokens is not None else 16, "max_tokens",
-                    body.policy or None, top_logprobs=top)
+                    body.policy or None, top_logprobs=top, documents=documents, withheld=withheld,
+                    said=() if prompt_text is None else (prompt_text,))
         call = await svc.begin(who, p, route="completions")
         rid, created = new_id("cmpl"), int(time.time())
         echo = (prompt_text if prompt_text is not None else svc.tokenizer.decode(prompt)) if body.echo else ""

@@ -114,6 +114,11 @@ class EngineConfig:
       logprobs: keep per-slot log-probability buffers, so requests may ask for log-probabilities (computed only
         at steps where some running slot wants them; allocated once, no request recompiles anything).
       max_top_logprobs: K, the most alternatives per token a request may ask for (OpenAI allows 20).
+      protected_spans: the most protected spans a slot's disclosure gate matches (the session's spans protected
+        from the request's principal); a request with more is refused. Every slot holds a [128, N] word table.
+      protected_chars: the most distinct non-ASCII characters over those spans.
+      evidence_nodes: the nodes of a slot's evidence trie for the grounding gate (a request whose evidence needs
+        more is refused); every slot holds an [N, 11] table.
     """
 
     slots: int = 8
@@ -129,10 +134,13 @@ class EngineConfig:
     governed: bool = True
     logprobs: bool = True
     max_top_logprobs: int = 20
+    protected_spans: int = 64
+    protected_chars: int = 16
+    evidence_nodes: int = 2048
 
     def __post_init__(self):
         for name in ("slots", "max_len", "chunk_steps", "prefill_chunk", "min_prompt_bucket", "max_stop_ids",
-                     "min_active_slots", "insert_rows"):
+                     "min_active_slots", "insert_rows", "protected_spans", "protected_chars", "evidence_nodes"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive")
         if self.prefill_budget < 0:
@@ -223,6 +231,10 @@ class EngineRequest:
         `gating.authority_row`: principal, tool mode, tools offered, quotas spent), or None: no tool call.
       escalation_state: the turn's escalation state (numpy `EscalationState`, leading axis 1: the session's
         counters and the topic rules they activated, `gate.escalation.begin_turn`), or None: nothing active.
+      disclosure_state: the turn's protected spans (numpy `DisclosureState`, leading axis 1, shaped by the
+        engine's `sizes`: `gate.disclosure.begin_turn` with min_spans / min_other), or None: nothing protected.
+      grounding_state: the turn's evidence trie (numpy `GroundingState`, leading axis 1, `evidence_nodes` nodes:
+        `gate.grounding.begin_turn`), or None: figures are not checked.
       evidence_state: the turn's evidence budget (numpy `EvidenceState`, leading axis 1,
         `gate.evidence.begin_turn`), or None: no budget.
       top_logprobs: None (no log-probabilities), or the alternatives per token (<= config.max_top_logprobs) that
@@ -238,6 +250,8 @@ class EngineRequest:
     phrase_state: Any = None
     authority_state: Any = None
     escalation_state: Any = None
+    disclosure_state: Any = None
+    grounding_state: Any = None
     evidence_state: Any = None
     top_logprobs: int | None = None
     # engine bookkeeping
@@ -495,7 +509,9 @@ class Engine:
         B = config.slots
         self._env = gating.complete(gating.Envelope(), self.vocab_size)
         self._gate_kinds = self._env.kinds
-        self.gate = gating.slot_gate(self.vocab_size, self.eos_id, self._gate_kinds) if config.governed else None
+        self.sizes = gating.StateSizes(config.protected_spans, config.protected_chars, config.evidence_nodes)
+        self.gate = (gating.slot_gate(self.vocab_size, self.eos_id, self._gate_kinds, self.sizes) if config.governed
+                     else None)
         self._table = (jax.tree.map(jnp.asarray, gating.empty_table(self._env, self.vocab_size, B))
                        if self.gate is not None else None)
         self._state = self._empty_state()
@@ -612,7 +628,7 @@ class Engine:
                 continue
             if req.policy is None or req.policy.table(kind) is None:
                 raise ValueError(f"a {kind} state needs a policy with {kind} rules")
-            want = gating.initial_state(kind, 1)
+            want = gating.initial_state(kind, 1, self.sizes)
             if (jax.tree.structure(state) != jax.tree.structure(want)
                     or [np.shape(x) for x in jax.tree.leaves(state)] != [np.shape(x) for x in jax.tree.leaves(want)]):
                 raise ValueError(f"the {kind} state does not have the engine's shapes (see gating.initial_state)")
@@ -878,9 +894,9 @@ class Engine:
         self._table = gating.grow_table(self._table, self._env, self.vocab_size)
         if self.gate is not None and self._env.kinds != self._gate_kinds:  # a gate kind joins the chain
             self._gate_kinds = self._env.kinds
-            self.gate = gating.slot_gate(self.vocab_size, self.eos_id, self._env.kinds)
+            self.gate = gating.slot_gate(self.vocab_size, self.eos_id, self._env.kinds, self.sizes)
             self._state = self._state.replace(gate_state=gating.grow_state(self._state.gate_state, self._env.kinds,
-                                                                           self.config.slots))
+                                                                           self.config.slots, self.sizes))
         self._row_tables.clear()
         if self._thread is not None:  # serving already: this costs one compilation of every piece
             self.recompiles += 1
@@ -947,7 +963,7 @@ class Engine:
         none, and for the padding rows); `()` when the kind is not in the chain."""
         if kind not in self._env.kinds:
             return ()
-        pad = gating.initial_state(kind, 1)
+        pad = gating.initial_state(kind, 1, self.sizes)
         field = f"{kind}_state"
         return _stack_rows([pad if getattr(r, field) is None else getattr(r, field) for r in reqs], rows, pad)
 

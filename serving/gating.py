@@ -42,18 +42,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from gate import authority as A
+from gate import disclosure as D
 from gate import escalation as X
 from gate import evidence as EV
+from gate import grounding as G
 from gate.core import NO_RULE, Action, Decision, Gate, Outcome, Verdict, chain, keep_rows
+from gate.normalize import Normalization
 from gate.phrases import CompiledPhrases, PhraseState, phrase_gate
 from gate.policy import CompiledPolicy
 from gate.structure import CompiledStructure, structure_gate
 
 __all__ = [
-    "BASE_KINDS", "SLOT_KINDS", "TOOL_SLOTS", "TURN_KINDS", "Envelope", "SlotPolicy", "UnsupportedPolicy",
-    "authority_row", "authority_state_of", "complete", "empty_table", "grow_state", "grow_table", "host",
-    "initial_authority_state", "initial_escalation_state", "initial_evidence_state", "initial_phrase_state",
-    "initial_state", "per_row", "phrase_state_of", "reserve", "row_policy", "slot_gate", "state_of",
+    "BASE_KINDS", "SLOT_KINDS", "TOOL_SLOTS", "TURN_KINDS", "Envelope", "SlotPolicy", "StateSizes",
+    "UnsupportedPolicy", "authority_row", "authority_state_of", "complete", "empty_table", "grow_state", "grow_table",
+    "host", "initial_authority_state", "initial_disclosure_state", "initial_escalation_state",
+    "initial_evidence_state", "initial_grounding_state", "initial_phrase_state", "initial_state", "per_row",
+    "phrase_state_of", "reserve", "row_policy", "slot_gate", "state_of",
 ]
 
 _I32_MAX = np.iinfo(np.int32).max
@@ -86,6 +90,11 @@ _TOOL_AXES = {"granted": (1,), "max_calls": (1,), "max_total": (1,), "quota_min"
 _ESCALATION_FILL = {"counter": 0, "at": _I32_MAX, "rule_id": NO_RULE, "goto": 0, "tok_chars": -1, "out_bits": 0,
                     "refusal": -1, "refusal_len": None}
 _EVIDENCE_FILL = {"thresholds": None, "rule": None, "messages": -1, "message_len": None}
+_DISCLOSURE_FILL = {"tok_chars": -1, "tok_len": None, "label_rule": NO_RULE, "label_action": int(Action.SUPPRESS),
+                    "messages": -1, "message_len": 0}
+# digit tokens pad by repeating the last one (its mask entry is written twice, alike); character columns with -1
+_GROUNDING_FILL = {"digit_tokens": "edge", "digit_chars": ("edge", -1), "digit_index": None, "head": None,
+                   "kills": None, "lone_sep": None, "rule": None}
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -104,7 +113,7 @@ def _max_shapes(a: dict | None, b: dict | None) -> dict | None:
 
 
 # The gate kinds of the slot table, in chain order (gate.policy's), and those always in the engine's chain.
-SLOT_KINDS = ("phrases", "structure", "authority", "escalation", "evidence")
+SLOT_KINDS = ("phrases", "structure", "authority", "escalation", "disclosure", "grounding", "evidence")
 BASE_KINDS = ("phrases", "structure", "authority")
 # the kinds whose state the host builds per turn and the engine installs with the request (EngineRequest.<kind>_state)
 TURN_KINDS = SLOT_KINDS[2:]
@@ -122,6 +131,8 @@ class Envelope:
     structure: dict | None = None
     authority: dict | None = None
     escalation: dict | None = None
+    disclosure: dict | None = None
+    grounding: dict | None = None
     evidence: dict | None = None
 
     def union(self, other: Envelope) -> Envelope:
@@ -184,6 +195,22 @@ def _minimal_escalation(vocab_size: int) -> X.CompiledEscalation:
                                 refusal=i32((1,), -1), refusal_len=np.asarray(0, np.int32))
 
 
+def _minimal_disclosure(vocab_size: int) -> D.CompiledDisclosure:
+    """A disclosure table with no protecting label."""
+    return D.CompiledDisclosure(tok_chars=np.full((vocab_size, 1), -1, np.int32),
+                                tok_len=np.zeros((vocab_size,), np.int32), label_rule=np.full((1,), NO_RULE, np.int32),
+                                label_action=np.full((1,), int(Action.SUPPRESS), np.int32),
+                                messages=np.full((1, 1), -1, np.int32), message_len=np.zeros((1,), np.int32))
+
+
+def _minimal_grounding(vocab_size: int) -> G.CompiledGrounding:
+    """A grounding table that reads no token as a digit."""
+    return G.CompiledGrounding(digit_tokens=np.zeros((1,), np.int32), digit_chars=np.full((1, 1), -1, np.int32),
+                               digit_index=np.full((vocab_size,), -1, np.int32),
+                               head=np.full((vocab_size, 2), -1, np.int32), kills=np.zeros((vocab_size,), bool),
+                               lone_sep=np.zeros((vocab_size,), bool), rule=np.asarray(NO_RULE, np.int32))
+
+
 def _minimal_evidence(vocab_size: int) -> EV.CompiledEvidence:
     del vocab_size
     return EV.CompiledEvidence(thresholds=np.ones((3,), np.float32), rule=np.full((4,), NO_RULE, np.int32),
@@ -214,6 +241,9 @@ class SlotPolicy:
       structure: its structure automaton (numpy), or None when the policy sets no structure.
       authority: its authority tables (numpy, tool axis TOOL_SLOTS wide), or None when it defines no tools.
       escalation: its escalation rules and topic automaton (numpy), or None.
+      disclosure: its labels' rules and messages and the vocabulary's normalized characters (numpy), or None when
+        no label protects anything.
+      grounding: the vocabulary read as digit classes (numpy), or None when figures need no grounding.
       evidence: its evidence-budget thresholds and messages (numpy), or None.
     """
 
@@ -222,6 +252,8 @@ class SlotPolicy:
     structure: CompiledStructure | None
     authority: A.CompiledAuthority | None = None
     escalation: X.CompiledEscalation | None = None
+    disclosure: D.CompiledDisclosure | None = None
+    grounding: G.CompiledGrounding | None = None
     evidence: EV.CompiledEvidence | None = None
 
     @classmethod
@@ -320,6 +352,8 @@ _KINDS = {
     "structure": _Kind(_minimal_structure, _pad_structure),
     "authority": _Kind(_minimal_authority, _pad_authority),
     "escalation": _Kind(_minimal_escalation, functools.partial(_pad_fields, fills=_ESCALATION_FILL)),
+    "disclosure": _Kind(_minimal_disclosure, functools.partial(_pad_fields, fills=_DISCLOSURE_FILL)),
+    "grounding": _Kind(_minimal_grounding, functools.partial(_pad_fields, fills=_GROUNDING_FILL)),
     "evidence": _Kind(_minimal_evidence, functools.partial(_pad_fields, fills=_EVIDENCE_FILL)),
 }
 
@@ -512,7 +546,11 @@ def _over_slot_kinds(inner: Gate, present: tuple[int, ...]) -> Gate:
     return Gate(init, evaluate, check, advance)
 
 
-def _inner_gate(kind: str, vocab_size: int, eos_id: int) -> Gate:
+def _inner_gate(kind: str, vocab_size: int, eos_id: int, sizes: StateSizes) -> Gate:
+    def fixed(init):  # a per-slot state of the engine's shape, whatever the policy (built now, outside any trace)
+        one = init(1, sizes)
+        return lambda policy, batch: jax.tree.map(lambda x: jnp.asarray(np.repeat(x, batch, axis=0)), one)
+
     if kind == "phrases":
         return phrase_gate(vocab_size)
     if kind == "structure":
@@ -521,13 +559,33 @@ def _inner_gate(kind: str, vocab_size: int, eos_id: int) -> Gate:
         return A.authority_gate(vocab_size)
     if kind == "escalation":
         return X.escalation_gate(vocab_size)
+    if kind == "disclosure":
+        return D.disclosure_gate(vocab_size)._replace(init=fixed(initial_disclosure_state))
+    if kind == "grounding":
+        return G.grounding_gate(vocab_size)._replace(init=fixed(initial_grounding_state))
     return EV.evidence_gate(vocab_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class StateSizes:
+    """The fixed sizes of the per-slot states that hold per-request data (see `EngineConfig`).
+
+    Attributes:
+      spans: protected spans per slot (the disclosure matcher's N).
+      chars: distinct non-ASCII characters over those spans (its K).
+      nodes: nodes of a slot's evidence trie (the grounding gate's N).
+    """
+
+    spans: int = 64
+    chars: int = 16
+    nodes: int = 2048
+
+
 @functools.cache
-def slot_gate(vocab_size: int, eos_id: int, kinds: tuple[str, ...] = BASE_KINDS) -> Gate:
+def slot_gate(vocab_size: int, eos_id: int, kinds: tuple[str, ...] = BASE_KINDS,
+              sizes: StateSizes = StateSizes()) -> Gate:
     """The engine's gate: per-row gates of `kinds` (a subset of SLOT_KINDS holding BASE_KINDS), chained in
-    SLOT_KINDS order (cached: one object per vocabulary and kinds).
+    SLOT_KINDS order (cached: one object per vocabulary, kinds and state sizes).
 
     Its policy is the slot table, a tuple over SLOT_KINDS of `(enabled, compiled tables)` with a leading slot axis
     (`()` for a kind not in `kinds`); its state is a tuple over SLOT_KINDS of the kinds' states with a leading
@@ -537,7 +595,7 @@ def slot_gate(vocab_size: int, eos_id: int, kinds: tuple[str, ...] = BASE_KINDS)
     if unknown or not set(BASE_KINDS) <= set(kinds):
         raise ValueError(f"kinds {kinds}: expected a subset of {SLOT_KINDS} holding {BASE_KINDS}")
     present = tuple(i for i, k in enumerate(SLOT_KINDS) if k in kinds)
-    inner = chain(*(per_row(_inner_gate(SLOT_KINDS[i], vocab_size, eos_id)) for i in present))
+    inner = chain(*(per_row(_inner_gate(SLOT_KINDS[i], vocab_size, eos_id, sizes)) for i in present))
     return _over_slot_kinds(inner, present)
 
 
@@ -589,7 +647,20 @@ def initial_evidence_state(rows: int = 1) -> EV.EvidenceState:
     return host(EV.begin_turn([None] * rows))
 
 
-def initial_state(kind: str, rows: int = 1):
+def initial_disclosure_state(rows: int = 1, sizes: StateSizes = StateSizes()) -> D.DisclosureState:
+    """A disclosure state protecting nothing, with room for `sizes.spans` spans (numpy)."""
+    return host(D.begin_turn([[]] * rows, Normalization(), min_spans=sizes.spans, min_other=sizes.chars))
+
+
+def initial_grounding_state(rows: int = 1, sizes: StateSizes = StateSizes()) -> G.GroundingState:
+    """A grounding state with the gate off and an empty trie of `sizes.nodes` nodes (numpy)."""
+    children, terminal = G.build_trie((), min_nodes=sizes.nodes)
+    return G.GroundingState(children=np.repeat(children[None], rows, axis=0),
+                            terminal=np.repeat(terminal[None], rows, axis=0), node=np.full((rows,), -1, np.int32),
+                            sep=np.zeros((rows,), np.int32), enabled=np.zeros((rows,), bool))
+
+
+def initial_state(kind: str, rows: int = 1, sizes: StateSizes = StateSizes()):
     """A kind's neutral state for `rows` slots (numpy): what a slot starts from when its request brings none."""
     if kind == "phrases":
         return initial_phrase_state(rows)
@@ -597,15 +668,19 @@ def initial_state(kind: str, rows: int = 1):
         return initial_authority_state(rows)
     if kind == "escalation":
         return initial_escalation_state(rows)
+    if kind == "disclosure":
+        return initial_disclosure_state(rows, sizes)
+    if kind == "grounding":
+        return initial_grounding_state(rows, sizes)
     if kind == "evidence":
         return initial_evidence_state(rows)
     raise ValueError(f"no per-turn state for the {kind} gate")
 
 
-def grow_state(gate_state, kinds: tuple[str, ...], rows: int):
+def grow_state(gate_state, kinds: tuple[str, ...], rows: int, sizes: StateSizes = StateSizes()):
     """A device slot-gate state with the kinds new to the chain added in their neutral state (the slots running
     now have no policy of those kinds)."""
-    return tuple(jax.tree.map(jnp.asarray, initial_state(k, rows)) if k in kinds and _absent(s) else s
+    return tuple(jax.tree.map(jnp.asarray, initial_state(k, rows, sizes)) if k in kinds and _absent(s) else s
                  for k, s in zip(SLOT_KINDS, gate_state, strict=True))
 
 

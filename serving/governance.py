@@ -6,10 +6,11 @@
   and compiled policies are cached by content.
 * `SessionStore`: per-(principal, session id) state in SQLite (WAL, synchronous=FULL): the session's policy
   fragments, the phrase gate's state after the last turn (with the hash of the policy it belongs to), the
-  ledger of admitted tool calls (tool, quota amount), from which every turn rebuilds its quotas, and the
-  escalation counters (violations, refusals, blocked), which hold whatever the policy (they are facts about the
-  session, as in `gate.session`). The key includes the principal, so a principal can never read or continue
-  another principal's session.
+  ledger of admitted tool calls (tool, quota amount), from which every turn rebuilds its quotas, the
+  escalation counters (violations, refusals, blocked) and the protected spans (label, text) of the labeled
+  documents the session has seen; counters and spans hold whatever the policy (they are facts about the session,
+  as in `gate.session`). The key includes the principal, so a principal can never read or continue another
+  principal's session. A session's reader gets the number of its protected spans, never their text.
 * `AuditTrail`: the hash-chained audit log (`gate.audit.AuditLog`), with lookup restricted to the record's
   own principal.
 
@@ -189,6 +190,7 @@ class Session:
       created / updated: RFC 3339 UTC times.
       ledger: the admitted tool calls, [tool name, quota amount] each, oldest first.
       counters: the escalation counters after the last turn (`gate.escalation.COUNTERS` order).
+      protected: the protected spans, (label, text) each, in the order they joined.
     """
 
     principal: str
@@ -203,13 +205,15 @@ class Session:
     updated: str = ""
     ledger: tuple = ()
     counters: tuple = (0, 0, 0)
+    protected: tuple = ()
 
     def public(self) -> dict:
         return {"id": self.session_id, "object": "aq.session", "turns": self.turns, "policy": list(self.fragments),
                 "state_policy_hash": self.state_policy_hash, "last_record_id": self.last_record_id,
                 "last_verdict": self.last_verdict, "created": self.created, "updated": self.updated,
                 "tool_calls": [{"name": t, "amount": a} for t, a in self.ledger],
-                "counters": dict(zip(COUNTERS, self.counters, strict=True))}
+                "counters": dict(zip(COUNTERS, self.counters, strict=True)),
+                "protected_spans": len(self.protected)}
 
 
 _SCHEMA = """
@@ -226,6 +230,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_verdict TEXT,
     ledger TEXT NOT NULL DEFAULT '[]',
     counters TEXT NOT NULL DEFAULT '[0,0,0]',
+    protected TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (principal, session_id)
 )
 """
@@ -246,19 +251,22 @@ class SessionStore:
             self._db.execute("ALTER TABLE sessions ADD COLUMN ledger TEXT NOT NULL DEFAULT '[]'")
         if "counters" not in columns:  # a store written before escalation
             self._db.execute("ALTER TABLE sessions ADD COLUMN counters TEXT NOT NULL DEFAULT '[0,0,0]'")
+        if "protected" not in columns:  # a store written before disclosure control
+            self._db.execute("ALTER TABLE sessions ADD COLUMN protected TEXT NOT NULL DEFAULT '[]'")
 
     def get(self, principal: str, session_id: str) -> Session | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT created, updated, turns, fragments, state_policy_hash, phrase_state, last_record_id, "
-                "last_verdict, ledger, counters FROM sessions WHERE principal = ? AND session_id = ?",
+                "last_verdict, ledger, counters, protected FROM sessions WHERE principal = ? AND session_id = ?",
                 (principal, session_id)).fetchone()
         if row is None:
             return None
-        created, updated, turns, fragments, sph, blob, rid, verdict, ledger, counters = row
+        created, updated, turns, fragments, sph, blob, rid, verdict, ledger, counters, protected = row
         return Session(principal, session_id, tuple(json.loads(fragments)), turns, sph,
                        None if blob is None else _unpack_state(blob), rid, verdict, created, updated,
-                       tuple(tuple(e) for e in json.loads(ledger)), tuple(int(c) for c in json.loads(counters)))
+                       tuple(tuple(e) for e in json.loads(ledger)), tuple(int(c) for c in json.loads(counters)),
+                       tuple(tuple(e) for e in json.loads(protected)))
 
     def add_fragment(self, principal: str, session_id: str, fragment: Mapping) -> Session:
         """Appends a session-level policy fragment (the caller has checked that it merges)."""
@@ -280,6 +288,30 @@ class SessionStore:
                 self._db.execute("ROLLBACK")
                 raise
         return self.get(principal, session_id)
+
+    def add_protected(self, principal: str, session_id: str, spans: Sequence[Sequence[str]]) -> None:
+        """Appends protected spans (label, text) to the session's set (creating the session), skipping known ones.
+
+        Called when a turn with labeled documents is admitted, before it generates: a span stays protected in the
+        session's later turns even if this one never completes."""
+        now = _now()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT protected FROM sessions WHERE principal = ? AND session_id = ?",
+                                       (principal, session_id)).fetchone()
+                protected = [] if row is None else json.loads(row[0])
+                for label, text in spans:
+                    if [label, text] not in protected:
+                        protected.append([str(label), str(text)])
+                self._db.execute(
+                    "INSERT INTO sessions (principal, session_id, created, updated, protected) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (principal, session_id) DO UPDATE SET protected = excluded.protected, "
+                    "updated = excluded.updated", (principal, session_id, now, now, _canonical(protected)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def commit_turn(self, principal: str, session_id: str, policy_hash: str | None, phrase_state: PhraseState | None,
                     record_id: str | None, verdict: str | None, tool_call: tuple[str, int] | None = None,

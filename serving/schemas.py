@@ -8,6 +8,12 @@ The aqjax extensions are extra body fields (`extra_body=` in the openai client):
   policy           a turn-level policy fragment ({phrases, structure, messages}); it may only tighten.
   session_policy   a session-level fragment added to the session for this and every later turn (needs
                    session_id); it may only tighten.
+  documents        documents and tool results for this turn's context: [{"text", "label", "kind", "spans"}].
+                   `label` is one of the policy's classification labels (default "public"); a document the
+                   principal may not read is withheld (`aq.documents.withheld`); the others are shown to the
+                   model before the last user message (or the prompt) and are evidence: for the evidence budget,
+                   for grounding, and their protected spans (`spans`, default: figures of 4+ digits) join the
+                   session's protected set (serving/context.py).
 
 Tools (`tools`, `tool_choice`, `parallel_tool_calls` false) are governed by the policy's authority: see
 serving/tools.py.
@@ -19,8 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-__all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "ErrorBody", "ErrorResponse", "ResponseFormat",
-           "ToolCall", "ToolSpec"]
+__all__ = ["ChatMessage", "ChatRequest", "CompletionRequest", "DocumentIn", "ErrorBody", "ErrorResponse",
+           "ResponseFormat", "ToolCall", "ToolSpec"]
 
 SessionId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
@@ -77,6 +83,16 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
+class DocumentIn(_Strict):
+    """An entry of `documents` (see the module docstring)."""
+
+    text: str = Field(min_length=1)
+    label: str | None = Field(default=None, min_length=1, max_length=64)
+    kind: Literal["document", "tool_result"] = "document"
+    spans: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] | None = Field(default=None,
+                                                                                              max_length=64)
+
+
 class JsonSchemaFormat(_Strict):
     name: str = Field(default="response", max_length=64)
     description: str | None = None
@@ -115,6 +131,7 @@ class _Generation(_Strict):
     session_id: SessionId | None = None
     policy: dict[str, Any] | None = None
     session_policy: dict[str, Any] | None = None
+    documents: list[DocumentIn] | None = Field(default=None, max_length=64)
 
 
 class ChatRequest(_Generation):

@@ -21,10 +21,12 @@ admitted (under the session lock); when its choice finishes, the action boundary
 refuses the proposed call on the asyncio thread, and the persistence thread writes the decision into the audit
 record and the admitted call into the ledger, in the same commit as the turn.
 
-Session-aware gates (serving/context.py): a turn gets its escalation state (which rules the session's counters
-activated) and its evidence budget when it is admitted (under the session lock) and installs them with its
-engine requests; when choice 0 finishes, the session's counters advance in the same commit as the turn. The `aq`
-object reports the counters, the active rules and the budget (with what was spent); the audit record notes them.
+Session-aware gates (serving/context.py): when a turn is admitted (under the session lock) it gets its
+escalation state (which rules the session's counters activated), its protected spans (the session's, with those
+of this request's labeled documents, which are saved to the session at once), its evidence trie and its evidence
+budget, and installs them with its engine requests; when choice 0 finishes, the session's counters advance in
+the same commit as the turn. The `aq` object reports the documents used and withheld, the protected spans, the
+counters and active rules, the budget and what was spent; the audit record notes them.
 """
 
 from __future__ import annotations
@@ -108,7 +110,10 @@ class GenerationParams:
     session_fragment: dict | None = None
     tools: tools.ToolPlan | None = None
     top_logprobs: int | None = None  # None: no log-probabilities; else alternatives per token
-    evidence: tuple[str, ...] = ()  # evidence texts in the context (tool results), for the evidence budget
+    evidence: tuple[str, ...] = ()  # evidence texts in the context (tool results)
+    documents: tuple = ()  # the request's documents the principal may read (context.Document), in the prompt
+    withheld: tuple = ()  # those it may not (context.Withheld)
+    said: tuple[str, ...] = ()  # the conversation's texts that are evidence for grounding (user, assistant)
 
 
 @dataclasses.dataclass
@@ -421,6 +426,19 @@ class Service:
                                                  p.session_id, p.session_fragment)
         return policy, slot_policy, session
 
+    def screen_documents(self, principal: Principal, documents) -> tuple[tuple, tuple]:
+        """(documents the principal may read, those withheld) under the deployment's classification and roles
+        (document-level sections, the same in every effective policy); 400 for an unknown label."""
+        if not documents:
+            return (), ()
+        if not self.governed:
+            raise APIError(400, "this server runs without a gate: documents are not available", param="documents",
+                           code="unsupported_parameter")
+        try:
+            return context.screen(self.book.deployment, principal.name, documents)
+        except context.ContextError as e:
+            raise APIError(400, str(e), param=e.param, code=e.code) from None
+
     async def tool_plan(self, principal: Principal, req: tools.ToolRequest, session_id: str | None) -> tools.ToolPlan:
         """The tools a call may use (serving/tools.py); 403 (audited) when a required call cannot be satisfied."""
         self.check_available()
@@ -462,10 +480,17 @@ class Service:
             ledger = session.ledger if session is not None else ()
             turn = context.TurnContext()
             if self.governed:
-                turn = context.prepare(slot_policy, principal.name,
-                                       counters=session.counters if session is not None else context.FRESH_COUNTERS,
-                                       evidence=p.evidence, tokenizer=self.tokenizer,
-                                       tool_mode=p.tools.mode if p.tools is not None else A.NONE)
+                try:
+                    turn = context.prepare(
+                        slot_policy, principal.name, documents=p.documents, withheld=p.withheld, evidence=p.evidence,
+                        said=p.said, counters=session.counters if session is not None else context.FRESH_COUNTERS,
+                        protected=session.protected if session is not None else (), tokenizer=self.tokenizer,
+                        tool_mode=p.tools.mode if p.tools is not None else A.NONE, sizes=self.engine.sizes)
+                except context.ContextError as e:
+                    raise APIError(400, str(e), param=e.param, code=e.code) from None
+                if p.session_id is not None and turn.new_spans:  # protected from now on, whatever this turn does
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.persist, self.sessions.add_protected, principal.name, p.session_id, turn.new_spans)
                 if p.tools is not None and set(turn.forbidden) & set(p.tools.offered):
                     p = dataclasses.replace(p, tools=tools.forbid(p.tools, turn.forbidden, "forbidden by escalation"))
             authority_state = None
@@ -518,6 +543,7 @@ class Service:
             req = EngineRequest(prompt=p.prompt, max_new=p.max_tokens, sink=sink, sampling=sampling,
                                 policy=slot_policy, phrase_state=phrase_state if i == 0 else None,
                                 authority_state=authority_state, escalation_state=turn.escalation_state,
+                                disclosure_state=turn.disclosure_state, grounding_state=turn.grounding_state,
                                 evidence_state=turn.evidence_state, top_logprobs=p.top_logprobs)
             hold = tools.CallHold() if authority_state is not None else None
             call.choices.append(_Choice(i, req, StreamDecoder(self.tokenizer), StopScanner(p.stop), hold=hold,

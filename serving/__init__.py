@@ -5,6 +5,7 @@ Public API (see each module's docstring; serving/service.py and serving/engine.p
   serving.gating      per-slot policies (one compiled policy per slot of the running batch)
   serving.governance  API keys and principals, effective policies, sessions (SQLite), the audit trail
   serving.tools       tool calls: what a request may call, the prompt, the action boundary, streaming hold
+  serving.context     a turn's documents, protected spans, evidence, escalation counters -> per-slot gate states
   serving.service     Service: model + engine + governance behind the API
   serving.api         create_app: the FastAPI app (routes, errors in OpenAI's shape, SSE)
   serving.config      ServerConfig, load_config: the TOML file and its defaults

@@ -2,8 +2,9 @@
 
 Routes:
   POST /v1/chat/completions     chat, streamed (SSE) or not; `aq` governance object on every answer; tool calls
-                                governed by the policy's authority (serving/tools.py)
-  POST /v1/completions          plain-text completion
+                                governed by the policy's authority (serving/tools.py); `documents` (labeled
+                                evidence, before the last user message; serving/context.py)
+  POST /v1/completions          plain-text completion (`documents` go before the prompt)
   GET  /v1/models               the served model
   GET  /v1/sessions/{id}        the caller's session (policy fragments, turns, last audit record, tool calls)
   GET  /v1/audit/head           the audit chain's head (seq, hash) to anchor verification (admin / auditor)

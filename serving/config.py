@@ -28,6 +28,9 @@
     max_queue = 32
     logprobs = true                 # per-slot log-probability buffers (allocated once)
     max_top_logprobs = 20           # the most alternatives per token a request may ask for
+    protected_spans = 64            # per slot: the protected spans a request's disclosure gate matches,
+    protected_chars = 16            #   their distinct non-ASCII characters,
+    evidence_nodes = 2048           #   and the nodes of its evidence's digit trie (more: the request gets 400)
 
     [[keys]]                        # one per API key; only its SHA-256 is stored
     sha256 = "<hex digest>"         # python -m serving.main --hash-key KEY
@@ -37,8 +40,9 @@
     [principals.alice]              # optional, per principal
     policy = { phrases = [{ phrase = "project falcon", action = "suppress" }] }   # agent-level fragment
     # or: policy_file = "alice.yaml" (a YAML fragment: phrases / structure / messages)
-    # The tools a principal may call come from the deployment policy's `principals` section (the entry of the
-    # same name; see serving/tools.py), not from this file: a fragment cannot grant anything.
+    # The tools a principal may call, the documents it may read and the labels it is cleared for come from the
+    # deployment policy's `principals` and `roles` sections (the entry of the same name; see serving/tools.py and
+    # serving/context.py), not from this file: a fragment cannot grant anything. configs/bank.toml is an example.
 
 Relative paths are resolved against the directory of the file that names them.
 """

@@ -3,8 +3,9 @@
 `gate.policy.compile_policy` turns one policy into a `Gate` whose functions take a single policy shared by all
 rows. A server batch mixes requests whose effective policies differ (deployment ∧ principal ∧ session ∧
 request), so the engine runs one fixed chain over `SLOT_KINDS`, in the compiler's chain order: the phrase gate,
-the structure gate, the authority gate over tool calls, then the escalation gate and the evidence budget. Each
-kind is wrapped by `per_row`: the wrapped gate's policy is `(enabled, arrays)` with a leading slot axis on both
+the structure gate, the authority gate over tool calls, the escalation gate, disclosure control, grounding of
+figures and the evidence budget (every gate `gate.policy.compile_policy` makes). Each kind is wrapped by
+`per_row`: the wrapped gate's policy is `(enabled, arrays)` with a leading slot axis on both
 (one copy of the compiled arrays per slot, and a flag saying whether that slot's policy has this kind of rule at
 all), and its four functions are `vmap`ped over the slots. A disabled slot admits every token and keeps its state.
 
@@ -24,9 +25,16 @@ limit), so a slot's `AuthorityState` (calls and quota spent per tool) has one sh
 
 Per-turn state: what a gate needs from the session and the request is its state at the start of the turn, built
 on the host (`gate.<kind>.begin_turn`, see serving/context.py) with a shape that does not depend on the policy,
-and installed with the request: the authority state (`authority_row`: principal, tool mode, quotas spent), the
-escalation state (the session's counters and the topic rules they activated) and the evidence budget (nats this
-turn may spend).
+and installed with the request (`TURN_KINDS`): the authority state (`authority_row`: principal, tool mode, quotas
+spent), the escalation state (the session's counters and the topic rules they activated), the disclosure state
+(the spans protected from the principal, as a Shift-And matcher of `StateSizes.spans` spans), the grounding state
+(the digit trie of the request's evidence, padded to `StateSizes.nodes` nodes) and the evidence budget (nats this
+turn may spend). The sizes are the engine's (`EngineConfig.protected_spans`, `protected_chars`,
+`evidence_nodes`), fixed for its lifetime: the host refuses a request that needs more (serving/context.py), so a
+per-request trie or span set never changes a compiled shape.
+
+`SlotPolicy.from_compiled` still raises `UnsupportedPolicy` for a gate kind the slot table does not carry (none
+today: it is the guard that keeps a gate added to the compiler later from being dropped silently).
 """
 
 

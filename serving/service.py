@@ -419,7 +419,7 @@ class Service:
         except PolicyError as e:
             raise APIError(400, f"the policy cannot be compiled for this model: {e}", param=_policy_param(p),
                            code="invalid_policy") from None
-        except gating.UnsupportedPolicy as e:  # fail closed: never serve without a rule the policy has
+        except gating.UnsupportedPolicy as e:  # a gate kind the slots lack (none today): never drop a rule
             raise APIError(500, str(e), code="unsupported_policy") from None
         if p.session_fragment:
             session = await loop.run_in_executor(self.persist, self.sessions.add_fragment, principal.name,

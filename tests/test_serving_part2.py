@@ -459,3 +459,44 @@ def test_a_restart_keeps_counters_and_spans(tmp_path, mock):
         r = chat(url, extra_body={"session_id": "r"})
         assert r.choices[0].message.content == REDACTED[:-1] + REFUSAL
         assert verify(svc.audit.path).ok
+
+
+# ------------------------------------------------------------------------------------------------------ bank.toml
+
+
+def test_the_shipped_bank_config_names_the_policys_principals():
+    from gate.policy import load_policy
+    from serving.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "bank.toml"))
+    assert cfg.policy == os.path.join(ROOT, "policies", "bank.yaml")
+    principals = {p.name: p.roles for p in load_policy(cfg.policy).principals}
+    who = {k: cfg.keys.authenticate(f"aq-bank-{k}") for k in ("alice", "bob", "carol", "auditor")}
+    assert {k: principals.get(p.name) for k, p in who.items()} == {
+        "alice": ("viewer",), "bob": ("payments",), "carol": ("viewer", "auditor"), "auditor": None}
+    assert who["auditor"].can_audit and not who["carol"].can_audit
+
+
+@pytest.mark.slow
+def test_bank_yaml_on_the_real_model_keeps_a_confidential_balance_from_an_uncleared_principal(smollm2, tmp_path):
+    """configs/bank.toml (policies/bank.yaml) on SmolLM2-135M: alice (cleared for public only) and carol (cleared for
+    confidential) ask for a balance that only a confidential document holds."""
+    from serving.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "bank.toml"))
+    cfg = dataclasses.replace(cfg, port=free_port(), state_dir=str(tmp_path), warmup=False, model_name="smollm2",
+                              engine=dataclasses.replace(cfg.engine, slots=2, max_len=512, prefill_chunk=128,
+                                                         min_prompt_bucket=128, logprobs=False, evidence_nodes=256))
+    document = {"text": "Account 4471 (checking): balance 12,345.67 EUR as of 3 March.", "label": "confidential"}
+    question = [{"role": "user", "content": "What is the balance of my checking account? Answer with the figure."}]
+    with running(cfg, model=smollm2) as (_, url):
+        replies = {}
+        for who in ("alice", "carol"):
+            c = openai.OpenAI(api_key=f"aq-bank-{who}", base_url=url + "/v1", max_retries=0, timeout=300)
+            r = c.chat.completions.create(model="smollm2", messages=question, temperature=0, max_tokens=20,
+                                          extra_body={"documents": [document]})
+            replies[who] = (r.choices[0].message.content, aq(r))
+    text, a = replies["alice"]
+    assert not any(f in text.replace(",", "") for f in ("12345", "4471")), text
+    assert a["disclosure"] == {"protected_spans": 2, "active": 2}  # 4471 and 12,345.67: figures of 4+ digits
+    assert "12,345.67" in replies["carol"][0] and replies["carol"][1]["disclosure"]["active"] == 0

@@ -24,7 +24,7 @@
     chunk_steps = 8
     prefill_chunk = 256
     prefill_budget = 512
-    min_active_slots = 8
+    min_active_slots = 1
     max_queue = 32
     logprobs = true                 # per-slot log-probability buffers (allocated once)
     max_top_logprobs = 20           # the most alternatives per token a request may ask for

@@ -90,7 +90,8 @@ def server(tmp_path_factory):
 
 
 def client(url, key="key-alice"):
-    return openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=0, timeout=60)
+    # the timeout is a hang guard: a first request that compiles on a busy machine may take minutes
+    return openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=0, timeout=300)
 
 
 def chat(c, content="hi", **kw):

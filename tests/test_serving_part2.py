@@ -120,7 +120,7 @@ def server(tmp_path_factory, mock):
 
 
 def client(url, who="alice"):
-    return openai.OpenAI(api_key=f"key-{who}", base_url=url + "/v1", max_retries=0, timeout=120)
+    return openai.OpenAI(api_key=f"key-{who}", base_url=url + "/v1", max_retries=0, timeout=300)
 
 
 def chat(url, who="alice", content="hi", messages=None, **kw):

@@ -97,7 +97,7 @@ def server(tmp_path_factory):
 
 
 def client(url, who="bob"):
-    return openai.OpenAI(api_key=f"key-{who}", base_url=url + "/v1", max_retries=0, timeout=120)
+    return openai.OpenAI(api_key=f"key-{who}", base_url=url + "/v1", max_retries=0, timeout=300)
 
 
 def ask(url, who="bob", content="hi", **kw):

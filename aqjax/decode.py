@@ -330,7 +330,9 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     events = state.events
     verdict, rule = state.verdict, state.rule
     if gate is not None:
-        gate_state = gate.advance(policy, gate_state, token, emitted, sampled_before_rewrite)
+        # a chain's check records what each of its gates saw (Outcome.seen): its advance then replays no check
+        seen = sampled_before_rewrite if o.seen is None else o.seen
+        gate_state = gate.advance(policy, gate_state, token, emitted, seen)
         verdict, rule, events = _verdicts_and_events(
             state, d, raw, running=running, has_forced=has_forced, top=top, top_admissible=top_admissible,
             pre_stop=pre_stop, post_stop=post_stop, rewritten=rewritten, emitted=emitted, token=token,

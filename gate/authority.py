@@ -54,7 +54,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from aqjax import ops
-from gate.core import NO_RULE, NO_TOKEN, Decision, Gate, Outcome, Verdict, keep_rows, pack_bits, unpack_bits
+from gate.core import NO_RULE, NO_TOKEN, Checked, Decision, Gate, Outcome, Verdict, keep_rows, pack_bits, unpack_bits
 from gate.structure import WHITESPACE, CompiledStructure, _build_index, _search, _tables
 
 __all__ = [
@@ -682,11 +682,17 @@ def _evaluate(policy: CompiledAuthority, state: AuthorityState, logits: Float[Ar
     )
 
 
+def _step(policy: CompiledAuthority, state: AuthorityState, token: Int[Array, " B"]):
+    """(next automaton state, found) of `token` from the row's state (a pending call starts at the principal's)."""
+    src = jnp.where(state.phase == PENDING, policy.initial[state.principal], jnp.maximum(state.phase, 0))
+    return _search(policy.automaton, src, token)
+
+
 def _check(policy: CompiledAuthority, state: AuthorityState, token: Int[Array, " B"]) -> Outcome:
     avail = _available(policy, state)
     refusing = _refusing(policy, state, avail)
     pos = jnp.maximum(state.msg_pos, 0)
-    nxt, found = _search(policy.automaton, jnp.maximum(state.phase, 0), token)
+    nxt, found = _step(policy, state, token)
     offsets = policy.automaton.offsets
     closed = (state.phase >= 0) & found & policy.automaton.accepting[nxt] & (offsets[nxt + 1] == offsets[nxt])
     B = token.shape[0]
@@ -697,18 +703,21 @@ def _check(policy: CompiledAuthority, state: AuthorityState, token: Int[Array, "
         verdict=jnp.where(refusing, Verdict.REFUSE, Verdict.ADMIT).astype(jnp.int32),
         rule=jnp.where(refusing, _refusal_rule(policy, state), NO_RULE),
         stop=jnp.where(refusing, mine & (pos + 1 >= policy.refusal_len), closed) | jnp.zeros((B,), bool),
+        seen=Checked(token=token, found=(nxt, found)),  # advance reuses the search
     )
 
 
 def _advance(policy: CompiledAuthority, state: AuthorityState, token: Int[Array, " B"], emitted: Bool[Array, " B"],
-             seen: Int[Array, " B"] | None = None) -> AuthorityState:
-    del seen  # this gate never rewrites a token
+             seen: Int[Array, " B"] | Checked | None = None) -> AuthorityState:
     avail = _available(policy, state)
     refusing = _refusing(policy, state, avail)
     s = jnp.maximum(state.phase, 0)
-    start = policy.initial[state.principal]
-    src = jnp.where(state.phase == PENDING, start, s)
-    nxt, found = _search(policy.automaton, src, token)
+    # this gate never rewrites a token: check's search (its Checked record) is for the emitted one unless a later
+    # gate rewrote it
+    if isinstance(seen, Checked):
+        nxt, found = lax.cond(jnp.any(seen.token != token), lambda: _step(policy, state, token), lambda: seen.found)
+    else:
+        nxt, found = _step(policy, state, token)
     offsets = policy.automaton.offsets
     in_call = state.phase >= 0
     closed = in_call & found & policy.automaton.accepting[nxt] & (offsets[nxt + 1] == offsets[nxt])

@@ -19,7 +19,9 @@ does not recompile), then the per-row **state** (a pytree whose leaves have a le
   advance(policy, state, token, emitted, seen) -> state
       the state after the row emitted `token`; rows with emitted False keep their state unchanged. `seen` is
       the token this gate's `check` was given (it differs from `token` when a check rewrote it), so a gate
-      can tell that its own rule fired; gates that never rewrite ignore it.
+      can tell that its own rule fired; gates that never rewrite ignore it. When that check's Outcome has a
+      `seen` (a gate's `Checked` record of what check computed, or a chain's per-gate record), the loop passes
+      that instead; advance takes either.
 
 Verdicts form a lattice ADMIT < DOWNGRADE < CLARIFY < DEFER < REFUSE: composed gates take the maximum.
 Masks intersect. Token ids, verdicts and rule ids are int32 arrays; nothing here branches in Python on a
@@ -121,18 +123,37 @@ class Outcome:
       verdict: Int[B] verdict raised by this token (ADMIT when none).
       rule: Int[B] rule that fired (NO_RULE when none).
       stop: Bool[B] end the row after emitting `token`.
+      seen: None, or what `advance` should be given as `seen` instead of the token `check` was given: a gate's
+        `Checked` record (that token and what check computed from it, e.g. a walk over its characters, so that
+        advance need not compute it again), or a chain's tuple of such per-gate values (so that its advance need
+        not replay the checks). XLA does not merge a loop in advance with the same loop in check, so without the
+        record a walk would run twice, and a chain's replay would run every rewriting gate's check again.
     """
 
     token: Int[Array, "B"]
     verdict: Int[Array, "B"]
     rule: Int[Array, "B"]
     stop: Bool[Array, "B"]
+    seen: Any = None
 
     @classmethod
     def unchanged(cls, token: Int[Array, "B"]) -> "Outcome":
         B = token.shape[0]
         return cls(token=token, verdict=jnp.full((B,), Verdict.ADMIT, jnp.int32),
                    rule=jnp.full((B,), NO_RULE, jnp.int32), stop=jnp.zeros((B,), bool))
+
+
+@struct.dataclass
+class Checked:
+    """A gate's record of its `check` (`Outcome.seen`), which the loop hands to `advance` as `seen`.
+
+    Attributes:
+      token: Int[B] the token check was given.
+      found: what check computed from it that advance needs too (a gate-defined pytree, leading axis B).
+    """
+
+    token: Int[Array, "B"]
+    found: Any
 
 
 class Gate(NamedTuple):
@@ -175,7 +196,8 @@ def chain(*gates: Gate) -> Gate:
 
     evaluate: masks intersect, verdicts take the maximum, the first gate that forces a token wins.
     check: each gate sees the token as rewritten by the gates before it; verdicts take the maximum; any stop
-    ends the row. advance: every gate advances with the token finally emitted, and learns what its check saw.
+    ends the row; `Outcome.seen` records what each gate saw. advance: every gate advances with the token finally
+    emitted, and learns what its check saw (from that record, or by replaying the checks when given a token).
     """
     gates = tuple(gates)
 
@@ -194,16 +216,19 @@ def chain(*gates: Gate) -> Gate:
         return decision.replace(state=folded)
 
     def check(policy, state, token):
-        out = Outcome.unchanged(token)
+        out, seen = Outcome.unchanged(token), []
         for g, p, s in zip(gates, policy, state):
             o = g.check(p, s, out.token)
+            seen.append(out.token if o.seen is None else o.seen)
             verdict, rule = _pick_rule(out.verdict, out.rule, o.verdict, o.rule)
             out = Outcome(token=o.token, verdict=verdict, rule=rule, stop=out.stop | o.stop)
-        return out
+        return out.replace(seen=tuple(seen))
 
     def advance(policy, state, token, emitted, seen=None):
+        if type(seen) is tuple:  # the chain's check recorded what each gate's check saw (Outcome.seen)
+            return tuple(g.advance(p, s, token, emitted, x) for g, p, s, x in zip(gates, policy, state, seen))
         seen = token if seen is None else seen
-        # Replay the checks (pure, cheap) to know which token each gate's check saw.
+        # Replay the checks (pure) to know which token each gate's check saw.
         out = []
         for g, p, s in zip(gates, policy, state):
             out.append(g.advance(p, s, token, emitted, seen))

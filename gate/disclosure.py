@@ -38,7 +38,7 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
-from gate.core import NO_RULE, NO_TOKEN, Action, Decision, Gate, Outcome, Verdict, keep_rows
+from gate.core import NO_RULE, NO_TOKEN, Action, Checked, Decision, Gate, Outcome, Verdict, keep_rows
 from gate.grounding import NUMBER
 from gate.normalize import Normalization
 from gate.phrases import _token_classes
@@ -164,25 +164,25 @@ def compile_disclosure(policy, tokenizer, *, vocab_size: int | None = None, labe
 
 
 def _walk(policy: CompiledDisclosure, state: DisclosureState, token: Int[Array, " B"]):
-    """Feeds each row's token; returns the new match state and the first protected span completed (-1 none)."""
+    """Feeds each row's token; returns the new match state and the first protected span completed (-1 none).
+
+    Every character's position masks are gathered at once; the Shift-And recurrence over the columns is then
+    elementwise, so XLA fuses it into a few kernels (a loop over the columns costs kernel launches per column)."""
     t = jnp.clip(token, 0, policy.tok_chars.shape[0] - 1)
     chars, n = policy.tok_chars[t], policy.tok_len[t]  # [B, T], [B]
     B, N = state.match.shape
-    rows = jnp.arange(B)
-
-    def body(j, carry):
-        match, hit = carry
-        c = chars[:, j]
-        direct = state.ascii_mask[rows, jnp.clip(c, 0, 127)]  # [B, N]
-        eq = (state.other_chars == c[:, None])[..., None]  # [B, K, 1]
-        other = lax.reduce(jnp.where(eq, state.other_mask, np.uint32(0)), np.uint32(0), lax.bitwise_or, (1,))
-        positions = jnp.where(((c >= 0) & (c < 128))[:, None], direct, other)
+    K = state.other_chars.shape[1]
+    rows = jnp.arange(B)[:, None]
+    direct = state.ascii_mask[rows, jnp.clip(chars, 0, 127)]  # [B, T, N]
+    # a character >= 128 is at most one of the row's other characters (begin_turn lists each once)
+    k = jnp.max(jnp.where(state.other_chars[:, None, :] == chars[..., None], jnp.arange(K), -1), axis=-1)  # [B, T]
+    other = jnp.where((k >= 0)[..., None], state.other_mask[rows, jnp.maximum(k, 0)], np.uint32(0))  # [B, T, N]
+    positions = jnp.where(((chars >= 0) & (chars < 128))[..., None], direct, other)
+    match, hit = state.match, jnp.zeros((B, N), bool)
+    for j in range(chars.shape[1]):
         valid = (j < n)[:, None]
-        match = jnp.where(valid, ((match << 1) | np.uint32(1)) & positions, match)
-        return match, hit | (valid & ((match & state.last) != 0))
-
-    # only as many characters as the batch's longest token has
-    match, hit = lax.fori_loop(0, jnp.max(n), body, (state.match, jnp.zeros((B, N), bool)))
+        match = jnp.where(valid, ((match << 1) | np.uint32(1)) & positions[:, j], match)
+        hit = hit | (valid & ((match & state.last) != 0))
     first = jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), -1)
     return match, first
 
@@ -216,7 +216,7 @@ def _evaluate(policy: CompiledDisclosure, state: DisclosureState, logits: Float[
 
 
 def _check(policy: CompiledDisclosure, state: DisclosureState, token: Int[Array, " B"]) -> Outcome:
-    _, fired = _fired(policy, state, token)
+    match, fired = _fired(policy, state, token)
     in_msg = state.msg_label >= 0
     lb = jnp.where(in_msg, state.msg_label, jnp.maximum(fired, 0))
     pos = jnp.where(in_msg, state.msg_pos, 0)
@@ -229,17 +229,20 @@ def _check(policy: CompiledDisclosure, state: DisclosureState, token: Int[Array,
         verdict=jnp.where(refuse, Verdict.REFUSE, Verdict.ADMIT).astype(jnp.int32),
         rule=jnp.where(acts, policy.label_rule[lb], NO_RULE),
         stop=refuse & mine & (pos + 1 >= policy.message_len[lb]),
+        seen=Checked(token=token, found=(match, fired)),  # advance reuses the walk
     )
 
 
 def _advance(policy: CompiledDisclosure, state: DisclosureState, token: Int[Array, " B"], emitted: Bool[Array, " B"],
-             seen: Int[Array, " B"] | None = None) -> DisclosureState:
-    # The matcher reads what was emitted (a message included); whether a message starts depends on what check saw
-    # (walked again only when a gate rewrote the token).
-    # The walk over `seen` is the one `check` made (same inputs: XLA computes it once); the emitted token is walked
-    # again only when a later gate rewrote it.
-    seen = token if seen is None else seen
-    match, fired = _fired(policy, state, seen)
+             seen: Int[Array, " B"] | Checked | None = None) -> DisclosureState:
+    # The matcher reads what was emitted (a message included); whether a message starts depends on what check saw.
+    # The walk over that is check's (its Checked record), or walked here when given a token; the emitted token is
+    # walked again only when a later gate rewrote it.
+    if isinstance(seen, Checked):
+        seen, (match, fired) = seen.token, seen.found
+    else:
+        seen = token if seen is None else seen
+        match, fired = _fired(policy, state, seen)
     match = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, token)[0], lambda: match)
     in_msg = state.msg_label >= 0
     lb = jnp.where(in_msg, state.msg_label, fired)

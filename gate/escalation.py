@@ -29,7 +29,7 @@ from flax import struct
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from gate.core import NO_RULE, NO_TOKEN, Action, Decision, Gate, Outcome, Verdict, keep_rows
+from gate.core import NO_RULE, NO_TOKEN, Action, Checked, Decision, Gate, Outcome, Verdict, keep_rows
 from gate.phrases import PhraseRule, _compile_host, _feed_chars
 
 __all__ = [
@@ -136,13 +136,13 @@ def compile_escalation(policy, tokenizer, *, vocab_size: int | None = None, rule
 def _walk(policy: CompiledEscalation, state: EscalationState, token: Int[Array, " B"]):
     """Feeds each row's token through the topic automaton; returns (state, bitmask of active rules hit).
 
-    The state does not move when no row has an active topic: topics are fixed for a turn and the automaton restarts
-    with each turn, so its state only matters in turns with a topic rule on. (The walk's first columns are plain
-    steps, which check, the chain's replay of it and advance share; the loop over longer tokens is skipped then.)"""
+    A row's state does not move while it has no active topic: topics are fixed for a turn and the automaton restarts
+    with each turn, so its state only matters in turns with a topic rule on (and the walk's loop over long tokens
+    runs only as far as the longest token of a row with one)."""
     chars = policy.tok_chars[jnp.clip(token, 0, policy.tok_chars.shape[0] - 1)]
     C = policy.goto.shape[1]
     flat = policy.goto.reshape(-1)
-    on = jnp.any(state.topics != 0)
+    on = state.topics != 0
 
     def step(carry, c):
         s, hit = carry
@@ -150,8 +150,8 @@ def _walk(policy: CompiledEscalation, state: EscalationState, token: Int[Array, 
         s = jnp.where(valid, flat[s * C + jnp.maximum(c, 0)], s)
         return s, hit | jnp.where(valid, policy.out_bits[s], 0)
 
-    s, hit = _feed_chars(step, (state.ac, jnp.zeros_like(state.ac)), jnp.where(on, chars, -1))
-    return jnp.where(on, s, state.ac), hit & state.topics
+    s, hit = _feed_chars(step, (state.ac, jnp.zeros_like(state.ac)), jnp.where(on[:, None], chars, -1))
+    return s, hit & state.topics
 
 
 def _lowest_bit(x: Int[Array, " B"]) -> Int[Array, " B"]:
@@ -186,7 +186,7 @@ def _evaluate(policy: CompiledEscalation, state: EscalationState, logits: Float[
 
 
 def _check(policy: CompiledEscalation, state: EscalationState, token: Int[Array, " B"]) -> Outcome:
-    _, fired = _fired(policy, state, token)
+    ac, fired = _fired(policy, state, token)
     in_msg = state.msg_rule >= 0
     r = jnp.where(in_msg, state.msg_rule, jnp.maximum(fired, 0))
     pos = jnp.where(in_msg, state.msg_pos, 0)
@@ -195,15 +195,19 @@ def _check(policy: CompiledEscalation, state: EscalationState, token: Int[Array,
     mine = out == policy.refusal[jnp.minimum(pos, policy.refusal.shape[0] - 1)]
     return Outcome(token=out, verdict=jnp.where(acts, Verdict.REFUSE, Verdict.ADMIT).astype(jnp.int32),
                    rule=jnp.where(acts, policy.rule_id[r], NO_RULE),
-                   stop=acts & mine & (pos + 1 >= policy.refusal_len))
+                   stop=acts & mine & (pos + 1 >= policy.refusal_len),
+                   seen=Checked(token=token, found=(ac, fired)))  # advance reuses the walk
 
 
 def _advance(policy: CompiledEscalation, state: EscalationState, token: Int[Array, " B"], emitted: Bool[Array, " B"],
-             seen: Int[Array, " B"] | None = None) -> EscalationState:
-    # The walk over `seen` is the one `check` made (same inputs: XLA computes it once); the emitted token is walked
-    # again only when a later gate rewrote it.
-    seen = token if seen is None else seen
-    ac, fired = _fired(policy, state, seen)
+             seen: Int[Array, " B"] | Checked | None = None) -> EscalationState:
+    # The walk over the token check saw is check's (its Checked record), or walked here when given a token; the
+    # emitted token is walked again only when a later gate rewrote it.
+    if isinstance(seen, Checked):
+        seen, (ac, fired) = seen.token, seen.found
+    else:
+        seen = token if seen is None else seen
+        ac, fired = _fired(policy, state, seen)
     ac = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, token)[0], lambda: ac)
     in_msg = state.msg_rule >= 0
     r = jnp.where(in_msg, state.msg_rule, fired)

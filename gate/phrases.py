@@ -52,6 +52,7 @@ from gate.core import (
     NO_RULE,
     NO_TOKEN,
     Action,
+    Checked,
     Decision,
     Gate,
     Outcome,
@@ -450,11 +451,10 @@ def compile_phrases(
 
 _NONE = jnp.iinfo(jnp.int32).max
 
-# Character columns a walk always takes as plain (unrolled) steps. Most tokens have at most this many normalized
-# characters; the columns past it are walked in a loop that runs only as far as the batch's longest token. Plain
-# steps matter beyond their count: check, the chain's replay of it and advance all walk the same token, and XLA
-# merges identical plain computations (CSE) but not loops, so the common short walk is computed once per step.
-_UNROLL = 6
+# Character columns a walk always takes as plain (unrolled) steps, which XLA fuses into a few kernels; the columns
+# past them are walked in a loop (a few kernel launches per column) that runs only as far as the batch's longest
+# token. Most tokens have at most this many normalized characters.
+_UNROLL = 4
 
 
 def _feed_chars(step, carry, chars: Int[Array, "B L"], unroll: int = _UNROLL):
@@ -527,7 +527,7 @@ def _fired(policy: CompiledPhrases, state: PhraseState, token: Int[Array, " B"])
 
 
 def _check(policy: CompiledPhrases, state: PhraseState, token: Int[Array, " B"]) -> Outcome:
-    _, fired = _fired(policy, state, token)
+    ac, fired = _fired(policy, state, token)
     in_msg = state.forced_rule >= 0
     r = jnp.where(in_msg, state.forced_rule, jnp.maximum(fired, 0))
     pos = jnp.where(in_msg, state.forced_pos, 0)  # index of the message token emitted now
@@ -539,19 +539,22 @@ def _check(policy: CompiledPhrases, state: PhraseState, token: Int[Array, " B"])
         rule=jnp.where(acts, policy.rule_id[r], NO_RULE),
         # A refusal ends the row right after its message's last token.
         stop=refuse & (pos + 1 >= policy.message_len[r]),
+        seen=Checked(token=token, found=(ac, fired)),  # advance reuses the walk
     )
 
 
 def _advance(
     policy: CompiledPhrases, state: PhraseState, token: Int[Array, " B"], emitted: Bool[Array, " B"],
-    seen: Int[Array, " B"] | None = None,
+    seen: Int[Array, " B"] | Checked | None = None,
 ) -> PhraseState:
     # The automaton follows the emitted text (message tokens included); whether a message starts depends on
-    # the token check saw.
-    # The walk over `seen` is the one `check` made (same inputs: XLA computes it once); the emitted token is walked
-    # again only when a later gate rewrote it.
-    seen = token if seen is None else seen
-    ac, fired = _fired(policy, state, seen)
+    # the token check saw. The walk over it is check's (its Checked record), or walked here when given a token;
+    # the emitted token is walked again only when a later gate rewrote it.
+    if isinstance(seen, Checked):
+        seen, (ac, fired) = seen.token, seen.found
+    else:
+        seen = token if seen is None else seen
+        ac, fired = _fired(policy, state, seen)
     ac = lax.cond(jnp.any(seen != token), lambda: _fired(policy, state, token)[0], lambda: ac)
     in_msg = state.forced_rule >= 0
     rule = jnp.where(in_msg, state.forced_rule, fired)
@@ -566,8 +569,8 @@ def phrase_gate(vocab_size: int) -> Gate:
     """The phrase gate for logits of width `vocab_size` (cached: the same object for the same size).
 
     Its policy is a `CompiledPhrases` (from `compile_phrases`) and its state a `PhraseState`. `advance` learns
-    from `seen` (the token its `check` was given) whether a substitution or refusal started; `seen` defaults
-    to the emitted token.
+    from `seen` (the token its `check` was given, or check's `Checked` record of it) whether a substitution or
+    refusal started; `seen` defaults to the emitted token.
     """
     return Gate(
         init=_init,

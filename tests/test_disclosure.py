@@ -152,6 +152,43 @@ def test_non_ascii_spans_match_too():
         assert (int(g.check(pol, state, jnp.full((2,), ids[-1])).rule[0]) == 11) == fires, text
 
 
+def test_walk_equals_a_character_by_character_shift_and():
+    """The walk (all position masks gathered at once, then an elementwise recurrence) against the Shift-And update
+    applied one character at a time: every token of a vocabulary with non-ASCII and long (> 16 character) pieces,
+    random spans and protection per row, random match states."""
+    from test_authority import ToyTokenizer
+
+    tok = ToyTokenizer(toy().pieces[1:] + ["Zü", "rich", "ÄbSt", "üß", "stab" * 5, "Übersta" * 4, "a b s t " * 3])
+    pol = D.compile_disclosure(POLICY, tok, label_rules=[-1, 11, 12, 13])
+    chars, lens = np.asarray(pol.tok_chars), np.asarray(pol.tok_len)
+    assert lens.max() > 16 and (chars >= 128).any()
+    rng = np.random.default_rng(0)
+    V = tok.vocab_size
+    letters = list("abstüäß")
+    spans = [[(int(rng.integers(0, 4)), "".join(rng.choice(letters, int(rng.integers(4, 12)))), bool(rng.random() < .8))
+              for _ in range(int(rng.integers(0, 5)))] for _ in range(V)]
+    state = D.begin_turn(spans, NORM)
+    am, oc, om, last = (np.asarray(x) for x in (state.ascii_mask, state.other_chars, state.other_mask, state.last))
+    assert (oc >= 128).any()
+    walk = jax.jit(D._walk)
+    rare = np.flatnonzero((chars >= 128).any(1) | (lens > 8))
+    fired = 0
+    for r in range(4):  # row b reads token b, then tokens drawn mostly from the non-ASCII and long ones
+        toks = np.arange(V) if r == 0 else np.where(rng.random(V) < 0.7, rng.choice(rare, V), rng.integers(0, V, V))
+        start = rng.integers(0, 2**32, state.match.shape, dtype=np.uint32)
+        match, first = walk(pol, state.replace(match=jnp.asarray(start)), jnp.asarray(toks, jnp.int32))
+        for b, t in enumerate(toks):
+            m, hit = start[b].copy(), np.zeros(last.shape[1], bool)
+            for c in chars[t, : lens[t]]:
+                pos = am[b, c] if c < 128 else np.bitwise_or.reduce(np.where((oc[b] == c)[:, None], om[b], 0), axis=0)
+                m = ((m << np.uint32(1)) | np.uint32(1)) & pos
+                hit |= (m & last[b]) != 0
+            np.testing.assert_array_equal(np.asarray(match)[b], m, err_msg=f"row {b}, token {t}")
+            assert int(first[b]) == (int(np.argmax(hit)) if hit.any() else -1), (b, t)
+            fired += bool(hit.any())
+    assert fired > 0
+
+
 def test_begin_turn_buckets_and_normalizes():
     state = D.begin_turn([[(INTERNAL, "A-b.S t", True), (SECRET, "é" + "x" * 40, False)], []], NORM)
     assert state.ascii_mask.shape == (2, 128, 8) and state.other_chars.shape == (2, 8)

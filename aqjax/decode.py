@@ -198,10 +198,13 @@ class DecodeState:
 
 
 def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"]):
-    logp = jax.nn.log_softmax(raw.astype(jnp.float32), axis=-1)
-    p = jnp.exp(logp)
-    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-    return entropy, jnp.sum(jnp.where(mask, p, 0.0), axis=-1)
+    # the entropy as gate.evidence.entropy writes it (what the evidence budget charges); mass = sum_admissible e / s
+    z = raw.astype(jnp.float32)
+    z = z - jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    entropy = -jnp.sum(jnp.where(e > 0, e * (z - jnp.log(s)), 0.0), axis=-1) / s[..., 0]
+    return entropy, jnp.sum(jnp.where(mask, e, 0.0), axis=-1) / s[..., 0]
 
 
 def _record(events: EventLog, acted, step_idx, kind, token, emitted, rule, verdict, raw, mask) -> EventLog:

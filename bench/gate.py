@@ -1,6 +1,8 @@
 """What the admissibility gate costs, on the default model, side by side in one run.
 
 Usage:  python bench/gate.py [--phrases 1000] [--new 64] [--reps 3] [--batches 1,32]
+        python bench/gate.py part2 [--reps 3] [--each]    (every gate of both parts: see "Part 2" below)
+        python bench/gate.py micro [--kinds ...] [--kernels]  (each part-2 gate's cost per step, no model)
 
 1. Decode step time without a gate and with a realistic policy: a JSON schema (turn level) + N banned
    phrases (deployment) + more phrases at the agent and session levels (the hierarchy), at batch 1 and 32,
@@ -337,5 +339,129 @@ def main_part2(argv=None):
     return 0
 
 
+# ==============================================================================================================
+# micro: what each part-2 gate costs per decode step, without the model. Run:  python bench/gate.py micro
+# [--kinds phrases,evidence,all] [--batches 1,32] [--kernels]
+#
+# Per step, as the decode loop's _emit calls them: evaluate, the model's top token looked up in the mask, check of
+# the fed token (or the forced one), advance with check's Outcome.seen; inside one compiled loop over the fed tokens
+# of a JSON answer and prose, on random logits (a traced argument, so nothing folds into a constant), best of 7.
+# Reported over the same loop without a gate. XLA:CPU pays a launch per fused kernel (a few us on a cold cache in the
+# real loop), so --kernels also counts the kernels each step runs (from a profiler trace).
+
+
+def _micro_run(gate, policy, state, fed, logits, passes):
+    yes = jnp.ones(fed.shape[1:], bool)
+    B = fed.shape[1]
+
+    @jax.jit
+    def run(policy, state, fed, logits):
+        def one(i, acc):
+            def body(s, x):
+                t, tok = x
+                # a row of logits per step, depending on the carry so that XLA cannot hoist the pass out of the loop
+                lg = jnp.broadcast_to(logits[t % logits.shape[0]] + acc.astype(jnp.float32), (B, logits.shape[1]))
+                top = ops.argmax(lg)
+                if gate is None:
+                    return s, jnp.sum(top)
+                d = gate.evaluate(policy, s, lg)
+                s = s if d.state is None else d.state
+                used = d.mask[jnp.arange(B), top]
+                token = jnp.where(d.forced >= 0, d.forced, tok)
+                o = gate.check(policy, s, token)
+                seen = getattr(o, "seen", None)  # getattr: also times trees from before Outcome.seen
+                s = gate.advance(policy, s, o.token, yes, token if seen is None else seen)
+                return s, jnp.sum(used) + o.token[0]
+
+            _, out = lax.scan(body, state, (jnp.arange(fed.shape[0]), fed))
+            return acc + (jnp.sum(out) < 0)
+
+        return lax.fori_loop(0, passes, one, jnp.zeros((), jnp.int32))
+
+    return run, (policy, state, fed, logits)
+
+
+def _kernels_per_call(fn, args) -> int:
+    """Leaf kernels one call of the jitted `fn` runs (XLA:CPU thunks from a profiler trace; loops not counted)."""
+    import glob
+    import gzip
+    import json
+    import re
+    import shutil
+    import tempfile
+
+    names = set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", fn.lower(*args).compile().as_text(), re.M))
+    d = tempfile.mkdtemp()
+    try:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        jax.block_until_ready(fn(*args))
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return sum(1 for e in events if e.get("ph") == "X" and e.get("name") in names
+               and not e["name"].startswith(("while", "conditional", "call")))
+
+
+def main_micro(argv=None):
+    ap = argparse.ArgumentParser(description="Per-gate cost of evaluate + check + advance per step, no model.")
+    ap.add_argument("--model", default=None, help="where the tokenizer comes from (the default model's)")
+    ap.add_argument("--phrases", type=int, default=1000)
+    ap.add_argument("--kinds", default=None, help="comma list of gate kinds and/or 'all' (default: each, then all)")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--passes", type=int, default=10)
+    ap.add_argument("--kernels", action="store_true", help="also count the kernels a step runs")
+    args = ap.parse_args(argv)
+
+    from gate.policy import _gate
+    from models.loader import load_model
+
+    tok = load_model(args.model).tokenizer
+    V = tok.vocab_size
+    compiled = compile_policy(part2_policy(args.phrases), tok, vocab_size=V, cache=False)
+    document = evidence_document(tok)
+    prose = " The revenue grew in the quarter to EUR 1,234 while costs of staff were 12.5 percent."
+    ids = np.asarray(tok.encode(structure_mod.BENCH_TEXT + prose)[:48], np.int32)
+    kinds = args.kinds.split(",") if args.kinds else [*compiled.kinds, "all"]
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((16, V)) * 3, jnp.float32)
+
+    print(f"\naqjax gate micro benchmark (jax {jax.__version__}): per step over the same loop without a gate, "
+          f"{len(ids)} fed tokens x {args.passes} passes, best of 7")
+    print(f"{'gate':<14}" + "".join(f"{'B=' + b + ' us':>12}" + (f"{'kernels':>9}" if args.kernels else "")
+                                    for b in args.batches.split(",")))
+    rows = {k: [] for k in kinds}
+    for b in [int(x) for x in args.batches.split(",")]:
+        state = part2_state(compiled, tok, b, document)
+        fed = jnp.asarray(np.stack([np.roll(ids, -3 * r) for r in range(b)], 1))  # [T, B], rows a few tokens apart
+
+        def measure(gate, policy, st, fed=fed):
+            fn, fargs = _micro_run(gate, policy, st, fed, logits, args.passes)
+            jax.block_until_ready(fn(*fargs))
+            best = float("inf")
+            for _ in range(7):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*fargs))
+                best = min(best, time.perf_counter() - t0)
+            n = _kernels_per_call(fn, fargs) / (args.passes * len(ids)) if args.kernels else 0.0
+            return best / (args.passes * len(ids)) * 1e6, n
+
+        base_us, base_k = measure(None, (), ())
+        for kind in kinds:
+            if kind == "all":
+                g, p, st = compiled.gate, compiled.arrays, state
+            else:
+                i = compiled.kinds.index(kind)
+                g, p, st = _gate((kind,), V, compiled.eos_id), (compiled.arrays[i],), (state[i],)
+            us, k = measure(g, p, st)
+            rows[kind].append((us - base_us, k - base_k))
+    for kind, vals in rows.items():
+        print(f"{kind:<14}" + "".join(f"{us:>12.1f}" + (f"{k:>9.1f}" if args.kernels else "") for us, k in vals))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main_part2(sys.argv[2:]) if sys.argv[1:2] == ["part2"] else main())
+    sub = sys.argv[1:2]
+    sys.exit(main_part2(sys.argv[2:]) if sub == ["part2"] else main_micro(sys.argv[2:]) if sub == ["micro"]
+             else main())

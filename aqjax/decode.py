@@ -197,21 +197,24 @@ class DecodeState:
     logprobs: LogprobLog | None = None
 
 
-def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"]):
-    # the entropy as gate.evidence.entropy writes it (what the evidence budget charges); mass = sum_admissible e / s
+def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"], peak: Float[Array, "B"]):
+    # the entropy as gate.evidence.entropy writes it (what the evidence budget charges); mass = sum_admissible e / s.
+    # `peak` is each row's maximum logit (the logit at the argmax the loop took), which saves a pass over V.
     z = raw.astype(jnp.float32)
-    z = z - jnp.max(z, axis=-1, keepdims=True)
+    z = z - peak.astype(jnp.float32)[:, None]
     e = jnp.exp(z)
     s = jnp.sum(e, axis=-1, keepdims=True)
     entropy = -jnp.sum(jnp.where(e > 0, e * (z - jnp.log(s)), 0.0), axis=-1) / s[..., 0]
     return entropy, jnp.sum(jnp.where(mask, e, 0.0), axis=-1) / s[..., 0]
 
 
-def _record(events: EventLog, acted, step_idx, kind, token, emitted, rule, verdict, raw, mask) -> EventLog:
-    """Appends one event for every row where `acted`; entropy/mass are computed only if some row acted."""
+def _record(events: EventLog, acted, step_idx, kind, token, emitted, rule, verdict, raw, mask, top) -> EventLog:
+    """Appends one event for every row where `acted`; entropy/mass are computed only if some row acted. `top` is the
+    argmax of `raw`."""
     B, E = events.step.shape
+    peak = jnp.take_along_axis(raw, top[:, None], axis=-1)[:, 0]
     entropy, mass = lax.cond(
-        jnp.any(acted), _entropy_and_mass, lambda r, m: (jnp.zeros(B), jnp.zeros(B)), raw, mask)
+        jnp.any(acted), _entropy_and_mass, lambda r, m, p: (jnp.zeros(B), jnp.zeros(B)), raw, mask, peak)
     rows = jnp.arange(B)
     col = jnp.where(acted, events.n, E)  # E = out of range: dropped
 
@@ -230,7 +233,8 @@ def _verdicts_and_events(state, d, raw, *, running, has_forced, top, top_admissi
                          emitted, token, seen, verdict_now, rule_now):
     """The step's bookkeeping after the gate decided (shared by `_emit` and the speculative commit): the turn's
     verdict and rule raised to this step's, and one audit event for every running row where the gate acted
-    (stopped it, rewrote or forced its token, blocked the model's top token `top`, or raised a verdict).
+    (stopped it, rewrote or forced its token, blocked the model's top token `top` = ops.argmax(raw), or raised a
+    verdict).
     `seen` is the token before `check` rewrote it. Returns (verdict, rule, events)."""
     raise_v = running & (verdict_now > state.verdict)
     verdict = jnp.where(raise_v, verdict_now, state.verdict)
@@ -246,7 +250,7 @@ def _verdicts_and_events(state, d, raw, *, running, has_forced, top, top_admissi
     ev_rule = rule_now if d.block_rule is None else jnp.where(
         (rule_now == NO_RULE) & blocked, d.block_rule, rule_now)
     events = _record(state.events, acted, state.n_out, kind, ev_token, jnp.where(emitted, token, -1), ev_rule,
-                     verdict_now, raw, d.mask)
+                     verdict_now, raw, d.mask, top)
     return verdict, rule, events
 
 

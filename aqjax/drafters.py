@@ -286,8 +286,9 @@ class DraftModel:
 def self_draft(target_params: Params, cfg: LlamaConfig, n_layers: int, head_vocab: int | None) -> DraftModel:
     """The early-exit drafter's weights: the target's first `n_layers` layers, final norm and (a slice of) head.
 
-    The layer slices are copied once here (slicing the stacked weights inside the compiled step would copy
-    them at every draft step). `target_params` are in the packed compute layout.
+    Stacked layer slices are copied once here (slicing the stacked weights inside the compiled step would copy
+    them at every draft step); per-layer ones (`models.params.unstack_layers`) are shared. `target_params` are
+    in the packed compute layout.
     """
     if not 1 <= n_layers < cfg.n_layers:
         raise ValueError(f"self-speculation needs 1 <= n_layers < {cfg.n_layers}, got {n_layers}")
@@ -297,7 +298,10 @@ def self_draft(target_params: Params, cfg: LlamaConfig, n_layers: int, head_voca
         head = jnp.asarray(target_params["embed"][:V]).T
     else:
         head = jnp.asarray(target_params["lm_head"][:, :V])
-    layers = jax.tree.map(lambda x: jnp.array(x[:n_layers]), target_params["layers"])
+    if isinstance(target_params["layers"], (list, tuple)):  # per-layer buffers (`unstack_layers`): shared
+        layers = list(target_params["layers"][:n_layers])
+    else:
+        layers = jax.tree.map(lambda x: jnp.array(x[:n_layers]), target_params["layers"])
     dcfg = dataclasses.replace(cfg, n_layers=n_layers, name=f"{cfg.name}-first{n_layers}")
     return DraftModel(cfg=dcfg, params={"layers": layers, "final_norm": target_params["final_norm"], "head": head},
                       vocab_ids=ids, meta={"kind": "self", "n_layers": n_layers, "head_vocab": V})

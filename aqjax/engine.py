@@ -19,7 +19,7 @@ from aqjax import decode as _decode
 from aqjax.cache import KVCache
 from aqjax.sampling import SamplingConfig, SamplingParams
 from models.config import LlamaConfig
-from models.params import Params, is_packed, pack_params
+from models.params import Params, compute_params
 
 FINISH_NAMES = {
     _decode.RUNNING: None,
@@ -87,6 +87,8 @@ class Generator:
         eos id, an empty sequence means none.
       chunk_size: decode steps per compiled call when streaming.
       min_prompt_bucket: smallest prompt-length bucket (avoids many tiny buckets).
+      unroll_layers: run the layers unrolled over per-layer weight buffers (`models.params.compute_params`);
+        None: on CPU only, where it makes a batch-1 decode step ~30% faster and each compile ~2 s longer.
     """
 
     def __init__(
@@ -98,11 +100,10 @@ class Generator:
         chunk_size: int = 16,
         min_prompt_bucket: int = 16,
         packed: bool | None = None,
+        unroll_layers: bool | None = None,
     ):
         self.cfg = cfg
-        if packed is None:
-            packed = is_packed(params)
-        self.params = params if packed else jax.tree.map(jnp.asarray, pack_params(params, cfg))
+        self.params = compute_params(params, cfg, packed=packed, unroll=unroll_layers)
         self.dtype = self.params["embed"].dtype
         if stop_ids is None:
             stop_ids = (cfg.eos_id,) if cfg.eos_id >= 0 else ()

@@ -1,11 +1,13 @@
 """Prefill and decode throughput of aqjax on the default model, beside the peers measured on this machine.
 
 Usage:  python bench/decode.py [--model PATH] [--new 128] [--reps 3] [--batches 1,8,32] [--json out.json]
+                               [--layouts unrolled,scan]
 
 Prefill: one ~512-token chat prompt at batch 1 (the compiled `start`, which also samples the first token).
 Decode: a short chat prompt repeated B times, 128 greedy tokens with EOS ignored; only the 127 decode steps
 after the first token are timed (tok/s = B * 127 / t), as the HF peer's hand-written loop is. Median of reps,
-after one compile/warm-up run per shape.
+after one compile/warm-up run per shape. Each measure runs for both layer layouts (`--layouts`): unrolled over
+per-layer weights (the CPU default) and a scan over stacked weights (whose weight slices XLA:CPU copies).
 
 Peers (shared/peers/README.md, same machine, same model): HF transformers float32 (torch, 2 threads) and
 llama.cpp Q4_1. Ceilings: batch-1 decode streams every float32 weight once per token (538 MB at ~29.5 GB/s
@@ -120,27 +122,36 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--layouts", default="unrolled,scan",
+                    help="layer-loop layouts to compare (models.params.compute_params): unrolled over per-layer "
+                         "weights (the CPU default) and/or a scan over stacked weights")
     args = ap.parse_args(argv)
 
     from models.loader import load_model
 
     m = load_model(args.model)
     tok = m.tokenizer
-    gen = Generator(m.cfg, m.params, stop_ids=tok.stop_ids)
     long_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Summarize the following text:\n\n"
                                                     + LONG_TEXT}]))
     short_ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": SHORT_PROMPT}]))
 
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not layouts or set(layouts) - {"unrolled", "scan"}:
+        ap.error(f"--layouts: expected unrolled and/or scan, got {args.layouts!r}")
     rows = []
-    rate, t = bench_prefill(gen, long_ids, args.reps)
-    rows.append(("prefill", f"{len(long_ids)}-token prompt, B=1", rate, f"{t * 1000:.0f} ms"))
-    for b in [int(x) for x in args.batches.split(",")]:
-        rate, step = bench_decode(gen, short_ids, b, args.new, args.reps)
-        rows.append((b, f"decode B={b}, {len(short_ids)}-token prompt", rate, f"{step * 1000:.1f} ms/step"))
+    for layout in layouts:
+        gen = Generator(m.cfg, m.params, stop_ids=tok.stop_ids, unroll_layers=(layout == "unrolled"))
+        tag = f" ({layout})" if len(layouts) > 1 else ""
+        rate, t = bench_prefill(gen, long_ids, args.reps)
+        rows.append(("prefill", f"{len(long_ids)}-token prompt, B=1{tag}", rate, f"{t * 1000:.0f} ms"))
+        for b in [int(x) for x in args.batches.split(",")]:
+            rate, step = bench_decode(gen, short_ids, b, args.new, args.reps)
+            rows.append((b, f"decode B={b}{tag}", rate, f"{step * 1000:.1f} ms/step"))
+        del gen
 
     print(f"\naqjax decode benchmark: {m.cfg.name}, float32, jax {jax.__version__}, {jax.devices()[0].platform}, "
           f"{args.new} new tokens, median of {args.reps}\n")
-    head = f"{'measure':<34}{'aqjax tok/s':>12}{'time':>16}{'HF tok/s':>10}{'x HF':>7}{'llama.cpp':>11}{'x l.cpp':>8}" \
+    head = f"{'measure':<36}{'aqjax tok/s':>12}{'time':>16}{'HF tok/s':>10}{'x HF':>7}{'llama.cpp':>11}{'x l.cpp':>8}" \
            f"{'target':>8}{'ceiling':>9}"
     print(head)
     print("-" * len(head))
@@ -153,7 +164,7 @@ def main(argv=None):
             width = int("".join(c for c in spec.split(".")[0] if c.isdigit()))
             return format(x, spec) if x else "-".rjust(width)
 
-        print(f"{label:<34}{rate:>12.1f}{t:>16}{fmt(hf, '>10.1f')}{fmt(hf and rate / hf, '>7.2f')}"
+        print(f"{label:<36}{rate:>12.1f}{t:>16}{fmt(hf, '>10.1f')}{fmt(hf and rate / hf, '>7.2f')}"
               f"{fmt(lc, '>11.1f')}{fmt(lc and rate / lc, '>8.2f')}{fmt(TARGETS.get(key), '>8.0f')}"
               f"{fmt(CEILINGS.get(key), '>9.0f')}")
         out.append({"measure": label, "tok_per_s": rate, "time": t, "hf": hf, "llama_cpp": lc})

@@ -569,14 +569,21 @@ def compile_authority(
 _POW10 = np.array([10**i for i in range(_MAX_LEAD + 1)] + [1], np.int32)
 
 
-def _available(policy: CompiledAuthority, state: AuthorityState) -> Bool[Array, "B K"]:
-    """Tools a row may still call now."""
+def _authorized(policy: CompiledAuthority, state: AuthorityState) -> Bool[Array, "B K"]:
+    """Tools the row's authority still allows now (granted, not forbidden, within quota), whatever the turn names."""
     p = state.principal
     K = state.calls.shape[1]
     k = jnp.arange(K)
     left_total = policy.max_total[p] - state.spent  # >= 0: spent never exceeds max_total
     return (policy.granted[p] & (state.calls < policy.max_calls[p]) & (left_total >= policy.quota_min[p])
-            & ((state.forbidden[:, None] >> k) & 1 == 0) & ((state.named[:, None] < 0) | (state.named[:, None] == k)))
+            & ((state.forbidden[:, None] >> k) & 1 == 0))
+
+
+def _available(policy: CompiledAuthority, state: AuthorityState, authorized=None) -> Bool[Array, "B K"]:
+    """Tools a row may still call now: authorized, and the turn's named tool if it names one."""
+    authorized = _authorized(policy, state) if authorized is None else authorized
+    k = jnp.arange(authorized.shape[1])
+    return authorized & ((state.named[:, None] < 0) | (state.named[:, None] == k))
 
 
 def _refusing(policy: CompiledAuthority, state: AuthorityState, avail) -> Bool[Array, " B"]:
@@ -640,7 +647,8 @@ def _init(policy: CompiledAuthority, batch: int) -> AuthorityState:
 
 def _evaluate(policy: CompiledAuthority, state: AuthorityState, logits: Float[Array, "B V"], *, vocab: int) -> Decision:
     B, n = logits.shape
-    avail = _available(policy, state)
+    authorized = _authorized(policy, state)
+    avail = _available(policy, state, authorized)
     refusing = _refusing(policy, state, avail)
     in_call = state.phase >= 0
 
@@ -662,11 +670,13 @@ def _evaluate(policy: CompiledAuthority, state: AuthorityState, logits: Float[Ar
         mask = jnp.pad(mask, ((0, 0), (0, n - vocab)), constant_values=True)
     pos = jnp.clip(state.msg_pos, 0, policy.refusal.shape[0] - 1)
     rule = jnp.where(refusing, _refusal_rule(policy, state), NO_RULE)
-    # For the audit: which tool's unavailability masked the model's own top token.
+    # For the audit: which tool's unavailability masked the model's own top token. Only authority (grant,
+    # escalation, quota) blocks: a tool masked because the turn named another one (tool_choice) is not an
+    # attempt the session's "blocked" counter should hold against the principal.
     top = jnp.minimum(ops.argmax(logits), vocab - 1)
     top_bit = (bw[jnp.arange(B)[:, None], jnp.arange(bw.shape[1])[None, :], (top // 32)[:, None]]
                >> (top % 32)[:, None].astype(jnp.uint32)) & 1
-    culprit = (top_bit == 1) & ~avail
+    culprit = (top_bit == 1) & ~authorized
     kb = jnp.argmax(culprit, axis=-1)
     granted = policy.granted[state.principal, kb] & ((state.forbidden >> kb) & 1 == 0)
     block = jnp.where(jnp.any(culprit, -1) & in_call, jnp.where(granted, policy.quota_rule[kb], policy.tool_rule[kb]),

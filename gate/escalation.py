@@ -4,7 +4,8 @@ The state counts, per session (`COUNTERS`, updated by `record_turn` at the end o
 
 * refusals   +1 for a turn whose verdict is REFUSE (a refusal message, an action-boundary refusal, ...);
 * blocked    +1 for a turn in which an action was blocked: a tool the model reached for was masked (authority or
-             quota rule), or a tool call was refused in the loop or at the action boundary;
+             quota rule; not a tool that only the turn's tool_choice ruled out), or a tool call was refused in the
+             loop or at the action boundary;
 * violations +1 for a turn in which a content rule acted visibly: a phrase substitution or refusal, a disclosure
              substitution or refusal, a refused topic (masks alone, such as a blocked figure, do not count).
 

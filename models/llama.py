@@ -177,8 +177,18 @@ def forward(
         x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])
         return (x, k_all, v_all), (x if return_layers else None)
 
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (x, k_all, v_all), layers = lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
+    if isinstance(params["layers"], (list, tuple)):
+        # Unrolled over per-layer weights (`unstack_layers`): every dot reads its weight buffer as it is. A scan
+        # slices each layer's weights out of the stacked arrays, which XLA:CPU does with a copy per weight per
+        # step (GPUs fuse that slice into the GEMM).
+        carry, outs = (x, cache.k, cache.v), []
+        for i, lp in enumerate(params["layers"]):
+            carry, out = layer(carry, (lp, i))
+            outs.append(out)
+        (x, k_all, v_all), layers = carry, (jnp.stack(outs) if return_layers else None)
+    else:
+        layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        (x, k_all, v_all), layers = lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     n = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
     new_cache = KVCache(k=k_all, v=v_all, lengths=start + n)

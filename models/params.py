@@ -26,6 +26,7 @@ head dimension pairs with the second half.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -176,8 +177,68 @@ def packed_shapes(cfg: LlamaConfig) -> Params:
 
 
 def is_packed(params: Params) -> bool:
-    """Whether `params` is in the compute layout (`pack_params`) rather than the canonical one."""
-    return isinstance(params, dict) and isinstance(params.get("layers"), dict) and "wqkv" in params["layers"]
+    """Whether `params` is in the compute layout (`pack_params`, stacked or `unstack_layers`'d) rather than the
+    canonical one."""
+    if not isinstance(params, dict):
+        return False
+    layers = params.get("layers")
+    if isinstance(layers, (list, tuple)):
+        return bool(layers) and isinstance(layers[0], dict) and "wqkv" in layers[0]
+    return isinstance(layers, dict) and "wqkv" in layers
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same params with "layers" as a list of per-layer dicts (each leaf without the leading L axis).
+
+    `models.llama.forward` unrolls its layer loop over such a list, so every matmul reads its own weight buffer;
+    iterating stacked weights with a scan slices them, which XLA:CPU does with a copy of every layer's weights at
+    every step (+30% time per decode step at batch 1 on the default model). Costs one copy of the weights, once.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return dict(params, layers=[jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)])
+
+
+def stack_layers(params: Params) -> Params:
+    """The inverse of `unstack_layers`: "layers" as one dict of [L, ...] arrays (checkpoints, sharding)."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return params
+    xp = jnp if isinstance(jax.tree.leaves(layers)[0], jax.Array) else np
+    return dict(params, layers=jax.tree.map(lambda *xs: xp.stack(xs), *layers))
+
+
+def unroll_by_default() -> bool:
+    """Whether the runtime unrolls the layer loop by default: on CPU, where a scan's weight slices are copies.
+
+    On GPUs XLA fuses the slice into the GEMM, and a scan keeps compile time independent of depth. The unrolled
+    programs take longer to compile (about 2 s more per program for the default model's 30 layers).
+    `AQJAX_UNROLL_LAYERS=1` or `=0` overrides the choice (the test suite, which compiles hundreds of programs
+    and checks that both layouts compute the same, runs the scan by default).
+    """
+    env = os.environ.get("AQJAX_UNROLL_LAYERS", "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env not in ("", "auto"):
+        raise ValueError(f"AQJAX_UNROLL_LAYERS={env!r}: expected 1, 0 or auto")
+    return jax.default_backend() == "cpu"
+
+
+def compute_params(params: Params, cfg: LlamaConfig, *, packed: bool | None = None,
+                   unroll: bool | None = None) -> Params:
+    """Params as the compiled programs take them: packed (`pack_params`), and per layer when `unroll` (default
+    `unroll_by_default()`), stacked otherwise."""
+    if packed is None:
+        packed = is_packed(params)
+    if not packed:
+        params = jax.tree.map(jnp.asarray, pack_params(params, cfg))
+    if unroll is None:
+        unroll = unroll_by_default()
+    return unstack_layers(params) if unroll else stack_layers(params)
 
 
 def unpack_params(packed: Params, cfg: LlamaConfig) -> Params:

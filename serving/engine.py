@@ -68,7 +68,7 @@ from aqjax.sampling import SamplingConfig, SamplingParams
 from gate.core import keep_rows
 from models.config import LlamaConfig
 from models.llama import forward
-from models.params import Params, is_packed, pack_params
+from models.params import Params, compute_params
 from serving import gating
 
 __all__ = ["Draining", "Engine", "EngineConfig", "EngineRequest", "Failed", "Finished", "QueueFull", "SlotResult",
@@ -495,14 +495,12 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params: Params, config: EngineConfig = EngineConfig(), *,
                  stop_ids: Sequence[int] = (), eos_id: int | None = None, vocab_size: int | None = None,
-                 packed: bool | None = None):
+                 packed: bool | None = None, unroll_layers: bool | None = None):
         if config.max_len > cfg.max_seq_len:
             raise ValueError(f"max_len {config.max_len} exceeds the model's context of {cfg.max_seq_len}")
         self.cfg = cfg
         self.config = config
-        if packed is None:
-            packed = is_packed(params)
-        self.params = params if packed else jax.tree.map(jnp.asarray, pack_params(params, cfg))
+        self.params = compute_params(params, cfg, packed=packed, unroll=unroll_layers)
         self.dtype = self.params["embed"].dtype
         self.stop_ids = tuple(int(i) for i in stop_ids)
         if len(self.stop_ids) > config.max_stop_ids:

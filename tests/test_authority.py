@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gate import authority as A
-from gate.core import NO_TOKEN, Verdict
+from gate.core import NO_RULE, NO_TOKEN, Verdict
 from gate.policy import Policy, compile_policy, load_policy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -292,6 +292,27 @@ def test_forbidden_tool_and_auto_mode():
             assert A.parse_call(out[b]) is not None
         else:
             assert not out[b].startswith("<")
+
+
+def test_a_tool_masked_only_by_tool_choice_is_not_a_blocked_attempt():
+    # The audit's block rule (what escalation's "blocked" counter counts) names authority that masked the model's
+    # top token; a tool the caller's tool_choice ruled out is masked too, but is no attempt against authority.
+    pol, gate = authority_of(bank())
+    cp = bank()
+    s = _start(pol, 2, [BOB, ALICE], [A.REQUIRED, A.AUTO], named=[TRANSFER, -1])
+    walk = jax.jit(lambda s, t: gate.advance(pol, s, t, jnp.ones((2,), bool)))
+    for t in toy().encode('<tool_call>{"name": "'):
+        s = walk(s, jnp.full((2,), t))
+    tr, gb = toy().encode("transfer")[0], toy().encode("get_balance")[0]
+    V = toy().vocab_size
+    # row 0 (bob, must call transfer) wants get_balance; row 1 (alice, may not transfer) wants transfer
+    logits = jnp.zeros((2, V)).at[0, gb].set(50.0).at[1, tr].set(50.0)
+    d = jax.jit(lambda s, x: gate.evaluate(pol, s, x))(s, logits)
+    m = np.asarray(d.mask)
+    assert not m[0, gb] and m[0, tr] and not m[1, tr] and m[1, gb]
+    block = np.asarray(d.block_rule)
+    assert int(block[0]) == NO_RULE
+    assert cp.rules[int(block[1])].kind == "authority" and "transfer" in cp.rules[int(block[1])].text
 
 
 SEQ = st.lists(st.tuples(st.sampled_from(["transfer", "get_balance", "any"]), st.integers(0, 2**31 - 1)),

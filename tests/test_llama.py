@@ -11,20 +11,23 @@ import pytest
 from aqjax.cache import KVCache
 from models.config import SMOLLM2_135M, LlamaConfig, tiny_config
 from models.llama import forward, forward_full, forward_hidden_states, logits_from_hidden, rms_norm
-from models.params import check_params, init_params, pack_params, packed_axes, param_axes
+from models.params import (check_params, compute_params, init_params, is_packed, pack_params, packed_axes,
+                           param_axes, stack_layers, unpack_params, unstack_layers)
 from models.safetensors import load_hf_dir
 
 DATA = pathlib.Path(__file__).parent / "data"
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
 @pytest.mark.parametrize("variant,kv", [("mha", 4), ("gqa", 2), ("mqa", 1)])
-def test_layer_by_layer_parity_with_hf(variant, kv):
+def test_layer_by_layer_parity_with_hf(variant, kv, unroll):
     # Reference activations were produced by transformers (tests/data/make_tiny_llama.py).
     cfg, params = load_hf_dir(DATA / f"tiny_llama_{variant}", dtype=jnp.float32)
     assert cfg.n_kv_heads == kv and cfg.n_heads == 4
     ref = np.load(DATA / f"tiny_llama_{variant}" / "reference.npz")
     ids = jnp.asarray(ref["input_ids"])
-    packed = pack_params(params, cfg)
+    packed = compute_params(params, cfg, unroll=unroll)
+    assert isinstance(packed["layers"], list) == unroll and is_packed(packed)
     hs = np.asarray(forward_hidden_states(packed, ids, cfg=cfg))
     L = cfg.n_layers
     # HF's last hidden state has the final norm applied; ours is the raw last layer output.
@@ -62,6 +65,22 @@ def test_cached_decoding_equals_teacher_forcing():
     cached, cache = _cached_logits(packed, cfg, tokens, [9, 1, 1, 1, 1, 1, 3])
     chex.assert_trees_all_close(cached, full, atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [17, 17, 17])
+
+
+def test_unrolled_layers_decode_as_the_scan_does():
+    # Per-layer weights (models.params.unstack_layers) run the same layers, so cached decoding matches the scan's.
+    cfg = tiny_config()
+    packed = pack_params(init_params(cfg, jax.random.key(1)), cfg)
+    per_layer = unstack_layers(packed)
+    assert isinstance(per_layer["layers"], list) and len(per_layer["layers"]) == cfg.n_layers
+    assert is_packed(per_layer) and is_packed(packed)
+    tokens = jax.random.randint(jax.random.key(2), (3, 17), 0, cfg.vocab_size)
+    want, want_cache = _cached_logits(packed, cfg, tokens, [9, 1, 1, 6])
+    got, got_cache = _cached_logits(per_layer, cfg, tokens, [9, 1, 1, 6])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_equal(stack_layers(per_layer), packed)  # the round trip is exact
+    chex.assert_trees_all_equal(unpack_params(stack_layers(per_layer), cfg), unpack_params(packed, cfg))
 
 
 def test_longer_suffix_does_not_change_earlier_logits():
@@ -123,3 +142,17 @@ def test_bad_configs_are_rejected_with_the_field_name():
     params["layers"]["wq"] = params["layers"]["wq"][:, :, :2]
     with pytest.raises(ValueError, match="layers.wq"):
         check_params(params, tiny_config())
+
+
+def test_layer_layout_default_and_override(monkeypatch):
+    from models.params import unroll_by_default
+
+    monkeypatch.setenv("AQJAX_UNROLL_LAYERS", "auto")
+    assert unroll_by_default() == (jax.default_backend() == "cpu")
+    monkeypatch.setenv("AQJAX_UNROLL_LAYERS", "1")
+    assert unroll_by_default() is True
+    monkeypatch.setenv("AQJAX_UNROLL_LAYERS", "off")
+    assert unroll_by_default() is False
+    monkeypatch.setenv("AQJAX_UNROLL_LAYERS", "sometimes")
+    with pytest.raises(ValueError, match="AQJAX_UNROLL_LAYERS='sometimes'"):
+        unroll_by_default()

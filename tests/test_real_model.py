@@ -46,8 +46,12 @@ def test_chat_prompt_ids_and_last_logits_match_hf(model, i):
     assert logits.argmax() == ref.argmax()
 
 
-def test_greedy_tokens_match_hf(model):
-    m, gen = model
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
+def test_greedy_tokens_match_hf(model, unroll):
+    # both layer layouts (models.params.compute_params): the suite runs the scan, CPU users get the unrolled one
+    m, _ = model
+    gen = Generator(m.cfg, m.params, stop_ids=[], unroll_layers=unroll)
+    assert isinstance(gen.params["layers"], list) == unroll
     prompts = [p["prompt_ids"] for p in REF["prompts"]]
     # all three prompts in one ragged batch: also exercises bucketing and per-row lengths
     results = gen.generate(prompts, max_new_tokens=len(REF["prompts"][0]["greedy_ids"]))

@@ -412,18 +412,20 @@ def test_blocked_actions_escalate_to_forbidding_a_tool(server):
     tools = [{"type": "function", "function": {"name": n}} for n in ("get_balance", "transfer")]
     sid = {"session_id": "esc-tools"}
     calls = []
-    for _ in range(4):  # the amount must be grounded: the user's message names it
+    for _ in range(6):  # the amount must be grounded: the user's message names it
         r = chat(url, who="bob", content="transfer 123 to the landlord", tools=tools, tool_choice=named,
                  extra_body=sid)
         calls.append((r.choices[0], aq(r)))
-    # Each turn is blocked: the mock reaches for get_balance first (alphabetical), which the named choice masks.
-    # Two transfers fit bob's quota, the third is refused in-band; from the fourth turn on transfer is forbidden.
-    assert [c.finish_reason for c, _ in calls] == ["tool_calls"] * 2 + ["content_filter"] * 2
+    # The mock reaches for get_balance first (alphabetical), which the named choice masks: that is the caller's
+    # choice, not an attempt against bob's authority, so it blocks nothing. Two transfers fit bob's quota; the
+    # third, fourth and fifth are refused in-band (blocked, each counted once the turn ends: aq shows the counters
+    # the turn started with), and from the sixth turn on transfer is forbidden.
+    assert [c.finish_reason for c, _ in calls] == ["tool_calls"] * 2 + ["content_filter"] * 4
     assert json.loads(calls[0][0].message.tool_calls[0].function.arguments) == {"to": "landlord", "amount": 123}
-    assert [a["escalation"]["counters"]["blocked"] for _, a in calls] == [0, 1, 2, 3]
+    assert [a["escalation"]["counters"]["blocked"] for _, a in calls] == [0, 0, 0, 1, 2, 3]
     assert ("quota", "tool transfer: session quota spent") in [(x["kind"], x["text"]) for x in calls[2][1]["rules"]]
-    assert [a["escalation"]["forbidden_tools"] for _, a in calls] == [[], [], [], ["transfer"]]
-    last = calls[3][1]
+    assert [a["escalation"]["forbidden_tools"] for _, a in calls] == [[]] * 5 + [["transfer"]]
+    last = calls[5][1]
     assert {"name": "transfer", "reason": "forbidden by escalation"} in last["tools"]["unavailable"]
     assert last["tools"]["offered"] == ["get_balance"] and last["verdict"] == "REFUSE"
     assert [(x["kind"], x["text"]) for x in last["rules"]] == [

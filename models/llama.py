@@ -171,7 +171,10 @@ def forward(
             attn = _attention_blocked(q, k_all, v_all, idx, positions, cfg=cfg, block=block)
         else:
             attn = _attention(q, k_all[idx], v_all[idx], bias, cfg=cfg)
-        x = x + jnp.einsum("BTKGH,KGHD->BTD", attn, lp["wo"])
+        # As one [B, T, K*G*H] @ [K*G*H, D] product: written as an einsum over (K, G, H), XLA:CPU transposed the
+        # weight (a copy of wo in every layer at every step, a third of a batch-1 decode step) instead of the
+        # attention output.
+        x = x + jnp.dot(attn.reshape(B, T, -1), lp["wo"].reshape(-1, lp["wo"].shape[-1]))
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         gate_up = jnp.einsum("BTD,DCF->BTCF", h, lp["w_gate_up"])
         x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])

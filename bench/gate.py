@@ -313,7 +313,8 @@ def main_part2(argv=None):
         ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
         # each rep's gated / ungated pair ran back to back: the median of those ratios cancels slow drift
         paired = statistics.median(g / u for g, u in zip(times["every gate"], times["ungated"]))
-        rows.append((b, ms["ungated"], ms["every gate"], paired))
+        best = min(times["every gate"]) / min(times["ungated"])  # interference only ever adds time
+        rows.append((b, ms["ungated"], ms["every gate"], paired, best))
         for name, v in ms.items():
             if name not in ("ungated", "every gate"):
                 each.append((b, name, v, ms["ungated"]))
@@ -335,16 +336,17 @@ def main_part2(argv=None):
     print(f"\naqjax gate benchmark, part 2: {m.cfg.name}, jax {jax.__version__}, {_layout(gen)}; gates: {', '.join(compiled.kinds)} "
           f"({len(compiled.rules)} rules, tables {tables_bytes(compiled.arrays) / 1e6:.1f} MB, compiled in "
           f"{compile_s:.2f} s)\n")
-    print(f"{'decode step, every gate on':<30}{'ungated ms':>12}{'gated ms':>10}{'ratio':>8}{'paired':>8}{'target':>8}")
-    for b, p, g, r in rows:
-        print(f"{'batch ' + str(b):<30}{p:>12.2f}{g:>10.2f}{g / p:>8.3f}{r:>8.3f}{'<=1.03':>8}")
+    print(f"{'decode step, every gate on':<30}{'ungated ms':>12}{'gated ms':>10}{'ratio':>8}{'paired':>8}{'best':>8}"
+          f"{'target':>8}")
+    for b, p, g, r, bst in rows:
+        print(f"{'batch ' + str(b):<30}{p:>12.2f}{g:>10.2f}{g / p:>8.3f}{r:>8.3f}{bst:>8.3f}{'<=1.03':>8}")
     for b, name, g, p in each:
         print(f"{'  batch ' + str(b) + ', ' + name + ' alone':<30}{p:>12.2f}{g:>10.2f}{g / p:>8.3f}")
     print(f"\nevidence trie of a {n_doc}-token document ({n_numbers} distinct numbers): {trie_ms:.2f} ms "
           f"(best of 20)")
     print(f"disclosure spans for a batch of 32 rows x 8 spans: {spans_ms:.2f} ms")
-    print(f"ratio: of the medians of {args.reps} interleaved reps; paired: the median of each rep's gated/ungated. "
-          "Ceiling: 1.000 (the gate's work hidden entirely).")
+    print(f"ratio: of the medians of {args.reps} interleaved reps; paired: the median of each rep's gated/ungated; "
+          "best: of the fastest reps (what remains without interference). Ceiling: 1.000 (the gate's work hidden).")
     return 0
 
 

@@ -3,6 +3,7 @@
     python bench/serve.py                                  # 1, 8, 32, 64 clients, 64 tokens each, default model
     python bench/serve.py --clients 1,8 --max-tokens 32    # a quicker run
     python bench/serve.py --slots-per-run                  # restart the server per N with slots = N
+    python bench/serve.py --unroll-layers                  # the layers unrolled ([engine] unroll_layers)
 
 For each gate mode the server runs in its own process (warmed up before measuring: compile time is reported
 separately, not counted). Every client streams one chat completion (temperature 0, different prompts) and
@@ -69,6 +70,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = os.path.join(workdir, f"bench-{self.port}.toml")
         with open(cfg, "w") as f:
+            f.write(f"[engine]\nunroll_layers = {'true' if args.unroll_layers else 'false'}\n\n")
             f.write(f'[[keys]]\nsha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"\nprincipal = "bench"\n')
         cmd = [sys.executable, "-m", "serving.main", "--config", cfg, "--port", str(self.port),
                "--slots", str(slots), "--max-len", str(args.max_len), "--chunk-steps", str(args.chunk_steps),
@@ -156,11 +158,14 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=64)
     p.add_argument("--modes", default="off,on", help="gate modes to run: off, on")
     p.add_argument("--slots-per-run", action="store_true", help="restart the server per N with slots = N")
+    p.add_argument("--unroll-layers", action="store_true",
+                   help="serve with [engine] unroll_layers = true (default: the scan, see serving.engine.EngineConfig)")
     args = p.parse_args(argv)
     clients = [int(x) for x in args.clients.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
     print(f"# aqjax serving benchmark: {args.max_tokens} tokens per client, max_len {args.max_len}, "
-          f"chunk_steps {args.chunk_steps}, prefill_chunk {args.prefill_chunk}")
+          f"chunk_steps {args.chunk_steps}, prefill_chunk {args.prefill_chunk}, "
+          f"layers {'unrolled' if args.unroll_layers else 'in a scan'}")
     print(f"# host: {os.cpu_count()} CPUs visible; results depend on what else runs on the machine")
     if importlib.util.find_spec("llama_cpp") is None:
         print("# llama.cpp: llama-cpp-python is not installed, so there is no llama.cpp row in this run "

@@ -122,6 +122,12 @@ class EngineConfig:
       protected_chars: the most distinct non-ASCII characters over those spans.
       evidence_nodes: the nodes of a slot's evidence trie for the grounding gate (a request whose evidence needs
         more is refused); every slot holds an [N, 11] table.
+      unroll_layers: run the decoder's layers unrolled over per-layer weights (`models.params.compute_params`)
+        instead of a scan. Default False: measured on the 2-core CPU (bench/serve.py, 32 slots), the unrolled
+        layout made the ungated server faster (60 vs 46 tok/s at 1 stream, 317 vs 269 at 32) but the governed one
+        slower (45 vs 47, 241 vs 265) and doubled the warm-up compile (210 vs 97 s), while the generation CLI,
+        whose gate is one shared policy, gains from it at batch 1 (aqjax.engine.Generator unrolls on CPU).
+        None: `models.params.unroll_by_default()` (CPU, or AQJAX_UNROLL_LAYERS).
     """
 
     slots: int = 8
@@ -140,6 +146,7 @@ class EngineConfig:
     protected_spans: int = 64
     protected_chars: int = 16
     evidence_nodes: int = 2048
+    unroll_layers: bool | None = False
 
     def __post_init__(self):
         for name in ("slots", "max_len", "chunk_steps", "prefill_chunk", "min_prompt_bucket", "max_stop_ids",
@@ -156,6 +163,8 @@ class EngineConfig:
             raise ValueError("EngineConfig.prefill_chunk must be a power of two >= min_prompt_bucket")
         if self.insert_rows & (self.insert_rows - 1):
             raise ValueError("EngineConfig.insert_rows must be a power of two")
+        if self.unroll_layers is not None and not isinstance(self.unroll_layers, bool):
+            raise ValueError(f"EngineConfig.unroll_layers must be true or false, got {self.unroll_layers!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -500,7 +509,8 @@ class Engine:
             raise ValueError(f"max_len {config.max_len} exceeds the model's context of {cfg.max_seq_len}")
         self.cfg = cfg
         self.config = config
-        self.params = compute_params(params, cfg, packed=packed, unroll=unroll_layers)
+        unroll = config.unroll_layers if unroll_layers is None else unroll_layers
+        self.params = compute_params(params, cfg, packed=packed, unroll=unroll)
         self.dtype = self.params["embed"].dtype
         self.stop_ids = tuple(int(i) for i in stop_ids)
         if len(self.stop_ids) > config.max_stop_ids:

@@ -47,6 +47,23 @@ def test_compile_cache_from_the_file_and_the_flags(tmp_path):
         config_from_args(build_parser().parse_args(["--compile-cache", "x", "--no-compile-cache"]))
 
 
+def test_layer_layout_is_an_engine_setting(tmp_path):
+    from serving.engine import Engine, EngineConfig
+    from serving.mock import load_mock
+
+    assert load_config(SHIPPED).engine.unroll_layers is False  # the server's default: the scan (EngineConfig)
+    conf = tmp_path / "c.toml"
+    conf.write_text("[engine]\nunroll_layers = true\n")
+    assert load_config(conf).engine.unroll_layers is True
+    conf.write_text('[engine]\nunroll_layers = "yes"\n')
+    with pytest.raises(ConfigError, match="unroll_layers must be true or false"):
+        load_config(conf)
+    m = load_mock()
+    for unroll in (False, True):
+        engine = Engine(m.cfg, m.params, EngineConfig(slots=2, max_len=64, unroll_layers=unroll))
+        assert isinstance(engine.params["layers"], list) == unroll
+
+
 def test_bad_config_files_are_named(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nprot = 1\n")

@@ -169,7 +169,8 @@ def main(argv=None):
               f"{fmt(lc, '>11.1f')}{fmt(lc and rate / lc, '>8.2f')}{fmt(TARGETS.get(key), '>8.0f')}"
               f"{fmt(CEILINGS.get(key), '>9.0f')}")
         out.append({"measure": label, "tok_per_s": rate, "time": t, "hf": hf, "llama_cpp": lc})
-    print("\nCeilings: batch-1 decode ~83 tok/s (538 MB of float32 weights per token at the 44.8 GB/s the machine copies;"
+    print("\nCeilings: batch-1 decode ~83 tok/s (538 MB of float32 weights per token at the 44.8 GB/s the machine"
+          " copies;"
           " the peers' GEMV streamed 29.5 GB/s, ~55 tok/s); prefill ~1100 tok/s (0.27 GFLOP/token at ~300 GFLOP/s)."
           " Peers: shared/peers/README.md.")
     if args.json:

@@ -152,7 +152,8 @@ def main(argv=None):
     per_gate = {kind: gate_us_per_token(g, a, fed, V) for kind, g, a in zip(
         compiled.kinds, _gates_of(compiled), compiled.arrays)}
 
-    print(f"\naqjax gate benchmark: {m.cfg.name}, jax {jax.__version__}, {_layout(gen)}, policy = JSON schema + {args.phrases} "
+    print(f"\naqjax gate benchmark: {m.cfg.name}, jax {jax.__version__}, {_layout(gen)}, "
+          f"policy = JSON schema + {args.phrases} "
           f"deployment phrases + 20 agent + 20 session phrases ({len(compiled.rules)} rules)\n")
     print(f"{'decode step':<22}{'ungated ms':>12}{'gated ms':>10}{'ratio':>8}{'target':>8}")
     for b, p, g in rows:
@@ -312,7 +313,7 @@ def main_part2(argv=None):
                 times[name].append(t / n)
         ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
         # each rep's gated / ungated pair ran back to back: the median of those ratios cancels slow drift
-        paired = statistics.median(g / u for g, u in zip(times["every gate"], times["ungated"]))
+        paired = statistics.median(g / u for g, u in zip(times["every gate"], times["ungated"], strict=True))
         best = min(times["every gate"]) / min(times["ungated"])  # interference only ever adds time
         rows.append((b, ms["ungated"], ms["every gate"], paired, best))
         for name, v in ms.items():
@@ -333,7 +334,8 @@ def main_part2(argv=None):
                                                      compiled.policy.normalization))
     n_numbers = len(set(grounding.number_keys(document)))
 
-    print(f"\naqjax gate benchmark, part 2: {m.cfg.name}, jax {jax.__version__}, {_layout(gen)}; gates: {', '.join(compiled.kinds)} "
+    print(f"\naqjax gate benchmark, part 2: {m.cfg.name}, jax {jax.__version__}, {_layout(gen)}; "
+          f"gates: {', '.join(compiled.kinds)} "
           f"({len(compiled.rules)} rules, tables {tables_bytes(compiled.arrays) / 1e6:.1f} MB, compiled in "
           f"{compile_s:.2f} s)\n")
     print(f"{'decode step, every gate on':<30}{'ungated ms':>12}{'gated ms':>10}{'ratio':>8}{'paired':>8}{'best':>8}"

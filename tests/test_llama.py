@@ -11,8 +11,18 @@ import pytest
 from aqjax.cache import KVCache
 from models.config import SMOLLM2_135M, LlamaConfig, tiny_config
 from models.llama import forward, forward_full, forward_hidden_states, logits_from_hidden, rms_norm
-from models.params import (check_params, compute_params, init_params, is_packed, pack_params, packed_axes,
-                           param_axes, stack_layers, unpack_params, unstack_layers)
+from models.params import (
+    check_params,
+    compute_params,
+    init_params,
+    is_packed,
+    pack_params,
+    packed_axes,
+    param_axes,
+    stack_layers,
+    unpack_params,
+    unstack_layers,
+)
 from models.safetensors import load_hf_dir
 
 DATA = pathlib.Path(__file__).parent / "data"

@@ -123,10 +123,10 @@ class EngineConfig:
       evidence_nodes: the nodes of a slot's evidence trie for the grounding gate (a request whose evidence needs
         more is refused); every slot holds an [N, 11] table.
       unroll_layers: run the decoder's layers unrolled over per-layer weights (`models.params.compute_params`)
-        instead of a scan. Default False: measured on the 2-core CPU (bench/serve.py, 32 slots), the unrolled
-        layout made the ungated server faster (60 vs 46 tok/s at 1 stream, 317 vs 269 at 32) but the governed one
-        slower (45 vs 47, 241 vs 265) and doubled the warm-up compile (210 vs 97 s), while the generation CLI,
-        whose gate is one shared policy, gains from it at batch 1 (aqjax.engine.Generator unrolls on CPU).
+        instead of a scan. Default False: measured on the 2-core CPU (bench/serve.py, 32 slots), unrolled, the
+        governed server streams one client faster (55 vs 47 tok/s) but serves 32 arriving at once slower (241-249
+        vs 265 tok/s: its batched prefills ran slower unrolled, as bench/decode.py's prefill does) and takes twice
+        as long to warm up (210 vs 97 s of compiling); the generation CLI unrolls on CPU (aqjax.engine.Generator).
         None: `models.params.unroll_by_default()` (CPU, or AQJAX_UNROLL_LAYERS).
     """
 

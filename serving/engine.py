@@ -124,9 +124,9 @@ class EngineConfig:
         more is refused); every slot holds an [N, 11] table.
       unroll_layers: run the decoder's layers unrolled over per-layer weights (`models.params.compute_params`)
         instead of a scan. Default False: measured on the 2-core CPU (bench/serve.py, 32 slots), unrolled, the
-        governed server streams one client faster (55 vs 47 tok/s) but serves 32 arriving at once slower (241-249
-        vs 265 tok/s: its batched prefills ran slower unrolled, as bench/decode.py's prefill does) and takes twice
-        as long to warm up (210 vs 97 s of compiling); the generation CLI unrolls on CPU (aqjax.engine.Generator).
+        governed server streamed one client faster (55 vs 47 tok/s) but 32 clients arriving at once no faster
+        (241 and 249 vs 265 tok/s, within this machine's noise), and took twice as long to warm up (210 vs 97 s of
+        compiling); the generation CLI unrolls on CPU (aqjax.engine.Generator).
         None: `models.params.unroll_by_default()` (CPU, or AQJAX_UNROLL_LAYERS).
     """
 

@@ -54,7 +54,7 @@ from jaxtyping import Array, Bool, Float, Int
 from aqjax.cache import KVCache
 from models.config import LlamaConfig
 from models.llama import forward
-from models.params import Params
+from models.params import Params, per_layer
 
 
 @struct.dataclass
@@ -298,7 +298,7 @@ def self_draft(target_params: Params, cfg: LlamaConfig, n_layers: int, head_voca
         head = jnp.asarray(target_params["embed"][:V]).T
     else:
         head = jnp.asarray(target_params["lm_head"][:, :V])
-    if isinstance(target_params["layers"], (list, tuple)):  # per-layer buffers (`unstack_layers`): shared
+    if per_layer(target_params):  # per-layer buffers (`unstack_layers`): shared
         layers = list(target_params["layers"][:n_layers])
     else:
         layers = jax.tree.map(lambda x: jnp.array(x[:n_layers]), target_params["layers"])

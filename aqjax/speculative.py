@@ -64,7 +64,7 @@ from aqjax.sampling import SamplingConfig, SamplingParams, filter_logits
 from gate.core import NO_RULE, NO_TOKEN, Gate, Verdict, keep_rows
 from models.config import LlamaConfig
 from models.llama import forward, logits_from_hidden
-from models.params import Params, stack_layers, unstack_layers
+from models.params import Params, per_layer, stack_layers, unstack_layers
 
 SPECULATIVE_KINDS = ("none", "lookup", "self", "draft")
 MAX_DRAFT_K = 15
@@ -505,7 +505,7 @@ class SpeculativeGenerator:
                     d = default_draft_dir(self.cfg)
                 dm = d if isinstance(d, DraftModel) else load_draft(d, self.cfg)
                 # the draft's layers in the target's layout (per layer where the target is unrolled)
-                same = unstack_layers if isinstance(self.params["layers"], (list, tuple)) else stack_layers
+                same = unstack_layers if per_layer(self.params) else stack_layers
                 self._models[kind] = dataclasses.replace(dm, params=same(dm.params))
         return self._models[kind]
 

@@ -43,13 +43,14 @@ from aqjax.engine import Generator  # noqa: E402
 from gate import phrases as phrases_mod  # noqa: E402
 from gate import structure as structure_mod  # noqa: E402
 from gate.policy import Policy, compile_policy  # noqa: E402
+from models.params import per_layer  # noqa: E402
 
 PEERS_US = {"xgrammar 0.2.8": 4.9, "outlines-core 0.2.14": 32.9}
 
 
 def _layout(gen) -> str:
     """Which layer layout the model ran (models.params.compute_params; AQJAX_UNROLL_LAYERS=0/1 picks one)."""
-    return "layers unrolled" if isinstance(gen.params["layers"], list) else "layers in a scan"
+    return "layers unrolled" if per_layer(gen.params) else "layers in a scan"
 
 
 def realistic_policy(n_phrases: int) -> Policy:

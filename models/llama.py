@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 
 from aqjax.cache import KVCache
 from models.config import LlamaConfig
-from models.params import Params
+from models.params import Params, per_layer
 
 
 def rms_norm(x: Float[Array, "... D"], w: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
@@ -180,7 +180,7 @@ def forward(
         x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])
         return (x, k_all, v_all), (x if return_layers else None)
 
-    if isinstance(params["layers"], (list, tuple)):
+    if per_layer(params):
         # Unrolled over per-layer weights (`unstack_layers`): every dot reads its weight buffer as it is. A scan
         # slices each layer's weights out of the stacked arrays, which XLA:CPU does with a copy per weight per
         # step (GPUs fuse that slice into the GEMM).

@@ -187,6 +187,11 @@ def is_packed(params: Params) -> bool:
     return isinstance(layers, dict) and "wqkv" in layers
 
 
+def per_layer(params: Params) -> bool:
+    """Whether params hold their layers as a list of per-layer dicts (`unstack_layers`) rather than stacked."""
+    return isinstance(params["layers"], (list, tuple))
+
+
 def unstack_layers(params: Params) -> Params:
     """The same params with "layers" as a list of per-layer dicts (each leaf without the leading L axis).
 
@@ -194,18 +199,18 @@ def unstack_layers(params: Params) -> Params:
     iterating stacked weights with a scan slices them, which XLA:CPU does with a copy of every layer's weights at
     every step (+30% time per decode step at batch 1 on the default model). Costs one copy of the weights, once.
     """
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
+    if per_layer(params):
         return params
+    layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
     return dict(params, layers=[jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)])
 
 
 def stack_layers(params: Params) -> Params:
     """The inverse of `unstack_layers`: "layers" as one dict of [L, ...] arrays (checkpoints, sharding)."""
-    layers = params["layers"]
-    if not isinstance(layers, (list, tuple)):
+    if not per_layer(params):
         return params
+    layers = params["layers"]
     xp = jnp if isinstance(jax.tree.leaves(layers)[0], jax.Array) else np
     return dict(params, layers=jax.tree.map(lambda *xs: xp.stack(xs), *layers))
 

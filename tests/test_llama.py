@@ -166,3 +166,15 @@ def test_layer_layout_default_and_override(monkeypatch):
     monkeypatch.setenv("AQJAX_UNROLL_LAYERS", "sometimes")
     with pytest.raises(ValueError, match="AQJAX_UNROLL_LAYERS='sometimes'"):
         unroll_by_default()
+
+
+def test_self_draft_shares_per_layer_buffers_and_matches_the_stacked_one():
+    from aqjax.drafters import self_draft
+
+    cfg = tiny_config()
+    packed = pack_params(init_params(cfg, jax.random.key(3)), cfg)
+    per_layer = unstack_layers(packed)
+    stacked_draft = self_draft(packed, cfg, 1, None)
+    shared_draft = self_draft(per_layer, cfg, 1, None)
+    assert shared_draft.params["layers"][0]["wqkv"] is per_layer["layers"][0]["wqkv"]  # no copy
+    chex.assert_trees_all_equal(stack_layers(shared_draft.params), stacked_draft.params)

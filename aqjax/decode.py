@@ -68,10 +68,10 @@ class EventLog:
     verdict: Int[Array, "B E"]
     entropy: Float[Array, "B E"]
     mass: Float[Array, "B E"]
-    n: Int[Array, "B"]
+    n: Int[Array, " B"]
 
     @classmethod
-    def empty(cls, batch: int, capacity: int) -> "EventLog":
+    def empty(cls, batch: int, capacity: int) -> EventLog:
         # a distinct buffer per field: the state is donated, and one buffer must not be donated twice
         def i():
             return jnp.full((batch, capacity), -1, jnp.int32)
@@ -107,17 +107,17 @@ class LogprobLog:
     token: Float[Array, "B M"]
     top_ids: Int[Array, "B M K"]
     top: Float[Array, "B M K"]
-    want: Bool[Array, "B"]
+    want: Bool[Array, " B"]
 
     @classmethod
-    def empty(cls, batch: int, out_len: int, k: int, want: Any = None) -> "LogprobLog":
+    def empty(cls, batch: int, out_len: int, k: int, want: Any = None) -> LogprobLog:
         return cls(token=jnp.zeros((batch, out_len), jnp.float32),
                    top_ids=jnp.full((batch, out_len, k), -1, jnp.int32),
                    top=jnp.full((batch, out_len, k), LOGPROB_FLOOR, jnp.float32),
                    want=jnp.zeros((batch,), bool) if want is None else jnp.asarray(want, bool))
 
 
-def _logprobs_of(raw: Float[Array, "B V"], mask: Bool[Array, "B V"] | None, token: Int[Array, "B"], k: int):
+def _logprobs_of(raw: Float[Array, "B V"], mask: Bool[Array, "B V"] | None, token: Int[Array, " B"], k: int):
     """(Float[B] logprob of `token`, Int[B, K] top ids, Float[B, K] top logprobs) over the admitted tokens."""
     x = raw.astype(jnp.float32)
     if mask is not None:
@@ -156,6 +156,25 @@ def _record_logprobs(lp: LogprobLog, running, emitted, n_out, token, raw, mask, 
                       top=lp.top.at[rows, col].set(top, mode="drop"))
 
 
+def _gated_logprobs(lp: LogprobLog | None, gate, policy, gate_state, has_forced, running, emitted, n_out, token,
+                    raw, mask) -> LogprobLog | None:
+    """`_record_logprobs` for one emitted position, with the gate's filter on the alternatives (shared by the plain
+    step `_emit` and the speculative commit, so both record the same log-probabilities)."""
+    if lp is None:
+        return None
+    keep = None
+    if gate is not None:
+        # An admitted token that `check` would rewrite (a substitution or refusal starting) or that would end the
+        # row is no alternative either: offering it would reveal what the policy hides. Nor is anything at a step
+        # whose token the gate forced (a message under way: the model may still want the hidden phrase there).
+        # check is pure (table lookups); the K candidates are checked only when someone asked.
+        def keep(ids):
+            o = jax.vmap(lambda t: gate.check(policy, gate_state, t), in_axes=1, out_axes=1)(ids)
+            return (o.token == ids) & ~o.stop & ~has_forced[:, None]
+
+    return _record_logprobs(lp, running, emitted, n_out, token, raw, mask, keep)
+
+
 @struct.dataclass
 class DecodeState:
     """Everything the decode loop carries.
@@ -180,24 +199,24 @@ class DecodeState:
     """
 
     cache: KVCache
-    last: Int[Array, "B"]
-    done: Bool[Array, "B"]
-    finish: Int[Array, "B"]
+    last: Int[Array, " B"]
+    done: Bool[Array, " B"]
+    finish: Int[Array, " B"]
     out: Int[Array, "B M"]
-    n_out: Int[Array, "B"]
-    max_new: Int[Array, "B"]
+    n_out: Int[Array, " B"]
+    max_new: Int[Array, " B"]
     stop_ids: Int[Array, "B NS"]
     sampling: SamplingParams
     step: Int[Array, ""]
-    verdict: Int[Array, "B"]
-    rule: Int[Array, "B"]
-    confidence: Float[Array, "B"]
+    verdict: Int[Array, " B"]
+    rule: Int[Array, " B"]
+    confidence: Float[Array, " B"]
     gate_state: Any = None
     events: EventLog | None = None
     logprobs: LogprobLog | None = None
 
 
-def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"], peak: Float[Array, "B"]):
+def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"], peak: Float[Array, " B"]):
     # the entropy as gate.evidence.entropy writes it (what the evidence budget charges); mass = sum_admissible e / s.
     # `peak` is each row's maximum logit (the logit at the argmax the loop took), which saves a pass over V.
     z = raw.astype(jnp.float32)
@@ -320,20 +339,8 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
     finish = jnp.where(is_stop, FINISH_STOP, finish)
     finish = jnp.where(at_limit, FINISH_LENGTH, finish)
 
-    logprobs = state.logprobs
-    if logprobs is not None:
-        keep = None
-        if gate is not None:
-            # An admitted token that `check` would rewrite (a substitution or refusal starting) or that would end
-            # the row is no alternative either: offering it would reveal what the policy hides. Nor is anything at
-            # a step whose token the gate forced (a message under way: the model may still want the hidden
-            # phrase there). check is pure (table lookups); the K candidates are checked only when someone asked.
-            def keep(ids):
-                o = jax.vmap(lambda t: gate.check(policy, gate_state, t), in_axes=1, out_axes=1)(ids)
-                return (o.token == ids) & ~o.stop & ~has_forced[:, None]
-
-        logprobs = _record_logprobs(logprobs, running, emitted, state.n_out, token, raw,
-                                    None if gate is None else d.mask, keep)
+    logprobs = _gated_logprobs(state.logprobs, gate, policy, gate_state, has_forced, running, emitted, state.n_out,
+                               token, raw, None if gate is None else d.mask)
     events = state.events
     verdict, rule = state.verdict, state.rule
     if gate is not None:
@@ -363,15 +370,15 @@ def _emit(state: DecodeState, logits: Float[Array, "B V"], gate: Gate | None, po
 def start(
     params: Params,
     tokens: Int[Array, "B T"],
-    lengths: Int[Array, "B"],
+    lengths: Int[Array, " B"],
     cache: KVCache,
     sampling: SamplingParams,
-    max_new: Int[Array, "B"],
+    max_new: Int[Array, " B"],
     stop_ids: Int[Array, "B NS"],
     out_len: int,
     gate_state: Any = None,
     policy: Any = None,
-    want_logprobs: Bool[Array, "B"] | None = None,
+    want_logprobs: Bool[Array, " B"] | None = None,
     *,
     cfg: LlamaConfig,
     gate: Gate | None = None,

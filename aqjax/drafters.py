@@ -150,6 +150,21 @@ def _lookup_commit(dparams, state: LookupState, tokens, n) -> LookupState:
     return LookupState(buf=buf, length=jnp.minimum(state.length + n, S))
 
 
+def lookup_state(history: Int[Array, "B S"], prompt_len: Int[Array, " B"], out: Int[Array, "B M"],
+                 n_out: Int[Array, " B"]) -> LookupState:
+    """The lookup drafter's state of rows already under way: their prompts (`history[b, :prompt_len[b]]`) followed
+    by their outputs so far (`out[b, :n_out[b]]`, the last being the current `last`). What `_lookup_init` and
+    every `_lookup_commit` since would have built; lets a loop that decodes without speculation for a while (the
+    serving engine, under load) start speculating at any step."""
+    B, S = history.shape
+    M = out.shape[1]
+    cols = jnp.arange(S)[None, :]
+    j = cols - prompt_len[:, None]
+    from_out = jnp.take_along_axis(out, jnp.clip(j, 0, M - 1), axis=1)
+    buf = jnp.where(cols < prompt_len[:, None], history, jnp.where(j < n_out[:, None], from_out, -1))
+    return LookupState(buf=buf.astype(jnp.int32), length=jnp.minimum(prompt_len + n_out, S).astype(jnp.int32))
+
+
 @functools.cache
 def lookup_drafter(max_ngram: int = 3, min_ngram: int = 1) -> Drafter:
     """Prompt-lookup drafter matching suffix n-grams of `min_ngram` to `max_ngram` tokens (its dparams are ())."""

@@ -56,6 +56,7 @@ from aqjax.decode import (
     FINISH_LENGTH,
     FINISH_STOP,
     DecodeState,
+    _gated_logprobs,
     _verdicts_and_events,
 )
 from aqjax.drafters import Drafter, DraftModel, load_draft, lookup_drafter, model_drafter, self_draft
@@ -207,6 +208,8 @@ def _commit_token(state: DecodeState, raw, d, token, running, lengths_now, gate:
     finish = jnp.where(is_stop, FINISH_STOP, finish)
     finish = jnp.where(at_limit, FINISH_LENGTH, finish)
 
+    logprobs = _gated_logprobs(state.logprobs, gate, policy, gate_state, has_forced, running, emitted, state.n_out,
+                               token, raw, None if gate is None else d.mask)
     events = state.events
     verdict, rule = state.verdict, state.rule
     if gate is not None:
@@ -219,7 +222,8 @@ def _commit_token(state: DecodeState, raw, d, token, running, lengths_now, gate:
             verdict_now=verdict_now, rule_now=rule_now)
     done = state.done | gate_stop | is_stop | at_limit
     new = state.replace(last=jnp.where(emitted, token, state.last), done=done, finish=finish, out=out, n_out=n_out,
-                        gate_state=gate_state, verdict=verdict, rule=rule, confidence=confidence, events=events)
+                        gate_state=gate_state, verdict=verdict, rule=rule, confidence=confidence, events=events,
+                        logprobs=logprobs)
     plain = ~has_forced & ~pre_stop & ~rewritten & ~post_stop & (verdict_now == Verdict.ADMIT)
     return new, _Committed(emitted=emitted, token=token, plain=plain)
 

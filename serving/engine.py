@@ -20,6 +20,13 @@ and leave that batch between compiled calls; no call ever changes a shape, so no
   as done rows) and packs what the host needs into one small array: each slot's new tokens and its flags, and
   (with `EngineConfig.logprobs`) their log-probabilities, floats bitcast to int32; a slot's `want` flag, set at
   insert, decides whether its row's are recorded, and no step computes them while no running slot wants them.
+* `_spec_chunk` (jitted once per prefix bucket up to `speculative_rows`, with `speculative = "lookup"`) is
+  `_chunk` with speculative decoding (`aqjax.speculative.spec_chunk`): each of its steps drafts k tokens per slot
+  by prompt lookup, verifies them in one forward over k + 1 positions, and commits the accepted ones through the
+  gate, so a slot gets 1 to k + 1 tokens per step, exactly those (greedy) or distributed as (sampled) plain
+  decoding gives. The drafter's state is rebuilt from each slot's prompt (kept in `History`, written by the
+  prefill pieces and the insert) and output at the start of the chunk, so the engine picks a plain or a
+  speculative chunk per iteration by how many slots are decoding.
 * `_take_row` reads a finished slot's verdict, events and gate state; `_stop_rows` ends cancelled slots.
 
 Threads and queues:
@@ -59,10 +66,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax import lax
+from jaxtyping import Array, Int
 
 from aqjax import decode as _decode
+from aqjax import speculative as _spec
 from aqjax.cache import KVCache
+from aqjax.drafters import lookup_drafter, lookup_state
 from aqjax.engine import EVENT_NAMES, FINISH_NAMES, GateEvent, bucket, logprob_entries
 from aqjax.sampling import SamplingConfig, SamplingParams
 from gate.core import keep_rows
@@ -75,6 +86,9 @@ __all__ = ["Draining", "Engine", "EngineConfig", "EngineRequest", "Failed", "Fin
            "Tokens"]
 
 log = logging.getLogger("aqjax.serving.engine")
+
+SPECULATIVE_KINDS = ("none", "lookup")
+MAX_DRAFT_K = _spec.MAX_DRAFT_K
 
 
 class QueueFull(RuntimeError):
@@ -122,6 +136,17 @@ class EngineConfig:
       protected_chars: the most distinct non-ASCII characters over those spans.
       evidence_nodes: the nodes of a slot's evidence trie for the grounding gate (a request whose evidence needs
         more is refused); every slot holds an [N, 11] table.
+      speculative: "none", or "lookup": speculative decoding with the prompt-lookup drafter
+        (`aqjax.drafters.lookup_drafter`, n-grams of up to `max_ngram` tokens, `draft_k` draft tokens per step)
+        for decode chunks over at most `speculative_rows` slots (`min_active_slots` prefix buckets). Greedy
+        requests get exactly the tokens they get without it; sampled ones the same distribution (but not the
+        same draws for a seed: which chunks speculate depends on the load). A chunk runs `chunk_steps`
+        verification steps, each emitting 1 to draft_k + 1 tokens per slot. Lookup needs no model: its state is
+        the slot's tokens (prompt, then output), rebuilt on the device at the start of each speculative chunk,
+        so the engine moves between plain and speculative chunks as the load changes. The model drafters
+        ("self", "draft") are not served yet.
+      speculative_rows: the largest prefix bucket decoded speculatively (beyond it, a verification forward over
+        k + 1 positions per slot costs more than its accepted tokens save; see bench/serve.py).
       unroll_layers: run the decoder's layers unrolled over per-layer weights (`models.params.compute_params`)
         instead of a scan. Default False: measured on the 2-core CPU (bench/serve.py, 32 slots), unrolled, the
         governed server streamed one client faster (55 vs 47 tok/s) but 32 clients arriving at once no faster
@@ -147,6 +172,10 @@ class EngineConfig:
     protected_chars: int = 16
     evidence_nodes: int = 2048
     unroll_layers: bool | None = False
+    speculative: str = "none"
+    draft_k: int = 4
+    speculative_rows: int = 1
+    max_ngram: int = 3
 
     def __post_init__(self):
         for name in ("slots", "max_len", "chunk_steps", "prefill_chunk", "min_prompt_bucket", "max_stop_ids",
@@ -163,6 +192,14 @@ class EngineConfig:
             raise ValueError("EngineConfig.prefill_chunk must be a power of two >= min_prompt_bucket")
         if self.insert_rows & (self.insert_rows - 1):
             raise ValueError("EngineConfig.insert_rows must be a power of two")
+        if self.speculative not in SPECULATIVE_KINDS:
+            raise ValueError(f"EngineConfig.speculative must be one of {SPECULATIVE_KINDS}, got {self.speculative!r}")
+        if not isinstance(self.draft_k, int) or not 1 <= self.draft_k <= MAX_DRAFT_K:
+            raise ValueError(f"EngineConfig.draft_k must be an integer in [1, {MAX_DRAFT_K}], got {self.draft_k!r}")
+        if int(self.speculative_rows) < 0:
+            raise ValueError("EngineConfig.speculative_rows must be >= 0")
+        if not 1 <= int(self.max_ngram) <= 8:
+            raise ValueError(f"EngineConfig.max_ngram must be in [1, 8], got {self.max_ngram!r}")
         if self.unroll_layers is not None and not isinstance(self.unroll_layers, bool):
             raise ValueError(f"EngineConfig.unroll_layers must be true or false, got {self.unroll_layers!r}")
 
@@ -309,12 +346,46 @@ def _put_cache_row(cache: KVCache, row: KVCache, slot) -> KVCache:
                    lengths=_set_row(cache.lengths, row.lengths, slot))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state",))
-def _prefill_piece(params: Params, state: _decode.DecodeState, slot, tokens, offset, *, cfg: LlamaConfig):
-    """Appends tokens [1, T] to the slot's cache row, whose first `offset` positions are already filled."""
+@struct.dataclass
+class History:
+    """The slots' prompts, kept for a drafter that looks back at them (prompt lookup).
+
+    Attributes:
+      tokens: Int[B, max_len] each slot's prompt tokens (positions beyond `length` are stale).
+      length: Int[B] prompt tokens per slot (set when its last piece is inserted).
+    """
+
+    tokens: Int[Array, "B S"]
+    length: Int[Array, " B"]
+
+    @classmethod
+    def empty(cls, slots: int, max_len: int) -> History:
+        return cls(tokens=jnp.zeros((slots, max_len), jnp.int32), length=jnp.zeros((slots,), jnp.int32))
+
+
+def _put_history(history: History | None, slots, tokens, offset, n=None) -> History | None:
+    """Writes prompt pieces tokens [R, T] at `offset` [R] into the slots' rows (and, with n, their prompt lengths
+    offset + n); a slot out of range (padding) writes nothing."""
+    if history is None:
+        return None
+    R, T = tokens.shape
+    S = history.tokens.shape[1]
+    cols = offset[:, None] + jnp.arange(T)[None, :]
+    rows = jnp.broadcast_to(slots[:, None], (R, T))
+    upd = history.tokens.at[rows, jnp.where(cols < S, cols, S)].set(tokens.astype(jnp.int32), mode="drop")
+    length = history.length if n is None else _scatter_rows(history.length, offset + n, slots)
+    return History(tokens=upd, length=length)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("state", "history"))
+def _prefill_piece(params: Params, state: _decode.DecodeState, history: History | None, slot, tokens, offset, *,
+                   cfg: LlamaConfig):
+    """Appends tokens [1, T] to the slot's cache row, whose first `offset` positions are already filled (and, when
+    the engine keeps prompt history, to the slot's history)."""
     row = _cache_row(state.cache, slot, offset)
     _, row = forward(params, tokens, row, cfg=cfg)
-    return state.replace(cache=_put_cache_row(state.cache, row, slot))
+    history = _put_history(history, jnp.reshape(slot, (1,)), tokens, jnp.reshape(offset, (1,)))
+    return state.replace(cache=_put_cache_row(state.cache, row, slot)), history
 
 
 def _gather_rows(big, slots, axis: int = 0):
@@ -328,9 +399,10 @@ def _scatter_rows(big, rows, slots, axis: int = 0):
     return big.at[index].set(rows.astype(big.dtype), mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gate"), donate_argnames=("state", "table"))
-def _insert(params: Params, state: _decode.DecodeState, table, slots, tokens, n, offset, sampling: SamplingParams,
-            max_new, stop_ids, restore, phrase_state, turn_state, row_tables, want, *, cfg: LlamaConfig, gate):
+@functools.partial(jax.jit, static_argnames=("cfg", "gate"), donate_argnames=("state", "table", "history"))
+def _insert(params: Params, state: _decode.DecodeState, table, history: History | None, slots, tokens, n, offset,
+            sampling: SamplingParams, max_new, stop_ids, restore, phrase_state, turn_state, row_tables, want, *,
+            cfg: LlamaConfig, gate):
     """Prefills the last (or only) piece of R prompts together, samples their first tokens and installs the rows.
 
     One program per (R, T): R rows (a power of two <= EngineConfig.insert_rows) and T the prompt bucket.
@@ -339,7 +411,8 @@ def _insert(params: Params, state: _decode.DecodeState, table, slots, tokens, n,
     make the batch pay for a random draw); what they compute is thrown away.
 
     Args:
-      state: the batch (donated); table: the per-slot policy table (donated), None when ungoverned.
+      state: the batch (donated); table: the per-slot policy table (donated), None when ungoverned; history: the
+        slots' prompts (donated), None unless the engine speculates.
       slots: Int[R] the rows' slots (B for a padding row); tokens: Int[R, T] the pieces (right-padded);
       n: Int[R] their real lengths; offset: Int[R] prompt tokens of each request already in its slot's cache row
         (earlier pieces).
@@ -352,7 +425,7 @@ def _insert(params: Params, state: _decode.DecodeState, table, slots, tokens, n,
       want: Bool[R] record the row's log-probabilities (ignored when the state keeps none).
 
     Returns:
-      (state, table, Int[R, 4 (+ 1 + 2K)] per row: first token or -1, n_out, done, finish, then with
+      (state, table, history, Int[R, 4 (+ 1 + 2K)] per row: first token or -1, n_out, done, finish, then with
       log-probability buffers the first token's logprob, top ids and top logprobs (floats bitcast to int32),
       gate state before (leading axis R)).
     """
@@ -378,11 +451,12 @@ def _insert(params: Params, state: _decode.DecodeState, table, slots, tokens, n,
     state = state.replace(cache=cache, **fields)
     if table is not None:
         table = jax.tree.map(lambda b, r: _scatter_rows(b, r, slots), table, row_table)
+    history = _put_history(history, slots, tokens, offset, n)
     first = jnp.where(rows.n_out > 0, rows.out[:, 0], -1)
     packed = jnp.stack([first, rows.n_out, rows.done.astype(jnp.int32), rows.finish], axis=1)
     if rows.logprobs is not None:
         packed = jnp.concatenate([packed, _pack_logprobs(rows.logprobs, jnp.zeros((R, 1), jnp.int32))], axis=1)
-    return state, table, packed, gate_state
+    return state, table, history, packed, gate_state
 
 
 def _pack_logprobs(lp: _decode.LogprobLog, idx) -> jax.Array:
@@ -466,6 +540,44 @@ def _chunk(params: Params, state: _decode.DecodeState, table, *, cfg: LlamaConfi
     return (_put_prefix(state, sub) if rows < B else sub), packed
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "gate", "n_steps", "rows", "drafter", "k"),
+                   donate_argnames=("state",))
+def _spec_chunk(params: Params, state: _decode.DecodeState, table, history: History, *, cfg: LlamaConfig, gate,
+                n_steps: int, rows: int, drafter, k: int):
+    """`_chunk` with speculative decoding (`aqjax.speculative.spec_chunk`): `n_steps` verification steps over the
+    first `rows` slots, each emitting 1 to k + 1 tokens per slot. The lookup drafter's state is rebuilt from the
+    slots' prompts and outputs (`aqjax.drafters.lookup_state`) and dropped after the chunk: nothing about
+    speculation outlives it, so plain and speculative chunks interleave freely.
+
+    Returns (state, Int[rows, W + 6 (+ W * (1 + 2K))]) with W = n_steps * (k + 1): as `_chunk`'s packed rows (W
+    token columns, then n_out, done, finish), then the chunk's verification steps, drafted and accepted draft
+    tokens per slot, then the log-probabilities.
+    """
+    B = state.done.shape[0]
+    sub = _prefix(state, rows) if rows < B else state
+    sub_table = jax.tree.map(lambda x: x[:rows], table) if rows < B and table is not None else table
+    before = sub.n_out
+    draft = lookup_state(history.tokens[:rows], history.length[:rows], sub.out, sub.n_out)
+    zeros = jnp.zeros((rows,), jnp.int32)
+    st = _spec.SpecState(dec=sub, draft=draft, k_row=jnp.full((rows,), k, jnp.int32),
+                         accept_avg=jnp.full((rows,), float(k), jnp.float32), n_steps=zeros, n_drafted=zeros,
+                         n_accepted=zeros)
+    st = _spec.spec_chunk(params, (), st, sub_table, cfg=cfg, drafter=drafter, gate=gate, k=k, adaptive=False,
+                          n_steps=n_steps)
+    sub = st.dec
+    W = n_steps * (k + 1)
+    M = sub.out.shape[1]
+    idx = before[:, None] + jnp.arange(W, dtype=jnp.int32)[None, :]
+    new = jnp.take_along_axis(sub.out, jnp.minimum(idx, M - 1), axis=1)
+    new = jnp.where(idx < sub.n_out[:, None], new, -1)
+    parts = [new, sub.n_out[:, None], sub.done[:, None].astype(jnp.int32), sub.finish[:, None],
+             st.n_steps[:, None], st.n_drafted[:, None], st.n_accepted[:, None]]
+    if sub.logprobs is not None:
+        parts.append(_pack_logprobs(sub.logprobs, idx))
+    packed = jnp.concatenate(parts, axis=1)
+    return (_put_prefix(state, sub) if rows < B else sub), packed
+
+
 @jax.jit
 def _take_row(state: _decode.DecodeState, slot):
     """A slot's results: (out, n_out, finish, verdict, rule, confidence, events, gate_state, logprobs), leading
@@ -526,6 +638,8 @@ class Engine:
         self._table = (jax.tree.map(jnp.asarray, gating.empty_table(self._env, self.vocab_size, B))
                        if self.gate is not None else None)
         self._state = self._empty_state()
+        self._drafter = lookup_drafter(config.max_ngram) if config.speculative == "lookup" else None
+        self._history = History.empty(B, config.max_len) if self._drafter is not None else None
         self._row_tables: collections.OrderedDict = collections.OrderedDict()  # (hash, envelope) -> device row
 
         self._cv = threading.Condition()
@@ -544,6 +658,10 @@ class Engine:
         self.completed = 0
         self.chunks = 0
         self.recompiles = 0
+        self.spec_chunks = 0  # speculative chunks, their slot-steps, drafted and accepted draft tokens
+        self.spec_steps = 0
+        self.spec_drafted = 0
+        self.spec_accepted = 0
         self._rate = 0.0  # tokens/s, exponential moving average over chunks
         self._avg_latency = 1.0
 
@@ -694,8 +812,8 @@ class Engine:
     def compile_counts() -> dict[str, int]:
         """How many programs each compiled piece holds (the same after a warm-up: nothing recompiles)."""
         return {name: fn._cache_size() for name, fn in
-                (("insert", _insert), ("prefill_piece", _prefill_piece), ("chunk", _chunk), ("take_row", _take_row),
-                 ("stop_rows", _stop_rows))}
+                (("insert", _insert), ("prefill_piece", _prefill_piece), ("chunk", _chunk),
+                 ("spec_chunk", _spec_chunk), ("take_row", _take_row), ("stop_rows", _stop_rows))}
 
     def fit_policy(self, policy: gating.SlotPolicy) -> None:
         """Grows the policy envelope to hold `policy` now (before `warmup`), instead of at its first request."""
@@ -750,11 +868,13 @@ class Engine:
             warmed.add(T)
         # the chunk for every prefix bucket, and the cancellation (every slot is free now: they change nothing)
         for rows in self._row_buckets():
-            self._state, _ = _chunk(self.params, self._state, self._table, cfg=self.cfg, gate=self.gate,
-                                    n_steps=c.chunk_steps, rows=rows)
+            self._state, _ = self._run_chunk(rows, speculate=False)
+            if self._speculates(rows):
+                self._state, _ = self._run_chunk(rows, speculate=True)
         self._state = _stop_rows(self._state, jnp.zeros((c.slots,), bool))
         jax.block_until_ready(self._state)
         self.generated_tokens = self.prompt_tokens = self.completed = self.chunks = 0
+        self.spec_chunks = self.spec_steps = self.spec_drafted = self.spec_accepted = 0
 
     # ---------------------------------------------------------------------------------------------- engine thread
 
@@ -856,8 +976,8 @@ class Engine:
             left = len(s.req.prompt) - s.offset
             while left > P and (first or P <= budget):
                 piece = np.asarray(s.req.prompt[s.offset: s.offset + P], np.int32)[None]
-                self._state = _prefill_piece(self.params, self._state, jnp.int32(i), jnp.asarray(piece),
-                                             jnp.int32(s.offset), cfg=self.cfg)
+                self._state, self._history = _prefill_piece(self.params, self._state, self._history, jnp.int32(i),
+                                                            jnp.asarray(piece), jnp.int32(s.offset), cfg=self.cfg)
                 s.offset += P
                 left -= P
                 budget -= P
@@ -950,10 +1070,11 @@ class Engine:
             phrase_state = _stack_rows([gating.initial_phrase_state(1) if req.phrase_state is None
                                         else req.phrase_state for req in reqs], R, gating.initial_phrase_state(1))
             turn_state = tuple(self._turn_rows(kind, reqs, R) for kind in gating.TURN_KINDS)
-        self._state, self._table, packed, before = _insert(
-            self.params, self._state, self._table, jnp.asarray(slots), jnp.asarray(tokens), jnp.asarray(n),
-            jnp.asarray(offset), SamplingParams.from_configs(sampling), jnp.asarray(max_new), jnp.asarray(stop_arr),
-            restore, phrase_state, turn_state, row_tables, jnp.asarray(want), cfg=self.cfg, gate=self.gate)
+        self._state, self._table, self._history, packed, before = _insert(
+            self.params, self._state, self._table, self._history, jnp.asarray(slots), jnp.asarray(tokens),
+            jnp.asarray(n), jnp.asarray(offset), SamplingParams.from_configs(sampling), jnp.asarray(max_new),
+            jnp.asarray(stop_arr), restore, phrase_state, turn_state, row_tables, jnp.asarray(want), cfg=self.cfg,
+            gate=self.gate)
         packed, before = jax.device_get((packed, before))
         now = time.monotonic()
         for r, (i, s) in enumerate(group):
@@ -978,27 +1099,48 @@ class Engine:
         field = f"{kind}_state"
         return _stack_rows([pad if getattr(r, field) is None else getattr(r, field) for r in reqs], rows, pad)
 
+    def _speculates(self, rows: int) -> bool:
+        """Whether a decode chunk over `rows` slots speculates."""
+        return self._drafter is not None and rows <= self.config.speculative_rows
+
+    def _run_chunk(self, rows: int, *, speculate: bool):
+        """One decode chunk over the first `rows` slots: (state, packed) from `_chunk` or `_spec_chunk`."""
+        c = self.config
+        if speculate:
+            return _spec_chunk(self.params, self._state, self._table, self._history, cfg=self.cfg, gate=self.gate,
+                               n_steps=c.chunk_steps, rows=rows, drafter=self._drafter, k=c.draft_k)
+        return _chunk(self.params, self._state, self._table, cfg=self.cfg, gate=self.gate, n_steps=c.chunk_steps,
+                      rows=rows)
+
     def _decode(self) -> None:
         t0 = time.monotonic()
         last = max(i for i, s in enumerate(self._slots) if s is not None and s.decoding)
-        self._state, packed = _chunk(self.params, self._state, self._table, cfg=self.cfg, gate=self.gate,
-                                     n_steps=self.config.chunk_steps, rows=self._rows_for(last + 1))
+        rows = self._rows_for(last + 1)
+        speculate = self._speculates(rows)
+        self._state, packed = self._run_chunk(rows, speculate=speculate)
         packed = np.asarray(packed)
-        n_steps = self.config.chunk_steps
+        # packed rows: W token columns, n_out, done, finish, (speculating: steps, drafted, accepted), logprobs
+        W = self.config.chunk_steps * ((self.config.draft_k + 1) if speculate else 1)
+        lp_col = W + (6 if speculate else 3)
         now = time.monotonic()
         produced = 0
         for i, s in enumerate(self._slots[: packed.shape[0]]):
             if s is None or not s.decoding:
                 continue
-            new = [int(t) for t in packed[i, :n_steps] if t >= 0]
+            new = [int(t) for t in packed[i, :W] if t >= 0]
             produced += len(new)
+            if speculate:
+                self.spec_steps += int(packed[i, W + 3])
+                self.spec_drafted += int(packed[i, W + 4])
+                self.spec_accepted += int(packed[i, W + 5])
             if new:
                 if s.first_token is None:
                     s.first_token = now
-                self._emit(s, new, self._logprobs(s.req, packed[i, n_steps + 3:], n_steps, len(new)))
-            if packed[i, n_steps + 1]:
+                self._emit(s, new, self._logprobs(s.req, packed[i, lp_col:], W, len(new)))
+            if packed[i, W + 1]:
                 self._finish(i, s)
         self.chunks += 1
+        self.spec_chunks += speculate
         dt = max(now - t0, 1e-6)
         self._rate = 0.8 * self._rate + 0.2 * (produced / dt) if self.chunks > 1 else produced / dt
 

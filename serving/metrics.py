@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics"]
 
@@ -31,6 +31,11 @@ class _EngineCollector:
                                 "decode chunks)", value=0.0 if engine is None else engine.tokens_per_second)
         yield GaugeMetricFamily("aqjax_engine_recompiles", "policy-envelope growths (each recompiles the step)",
                                 value=0 if engine is None else engine.recompiles)
+        for name, what in (("chunks", "speculative decode chunks"),
+                           ("steps", "verification steps of slots in speculative chunks"),
+                           ("drafted", "draft tokens proposed"), ("accepted", "draft tokens accepted")):
+            yield CounterMetricFamily(f"aqjax_speculative_{name}", what,
+                                      value=0 if engine is None else getattr(engine, f"spec_{name}"))
 
 
 class Metrics:

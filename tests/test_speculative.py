@@ -391,3 +391,45 @@ def test_governed_turn_through_the_speculative_generator(real):
         assert [e["action"] for e in a.events] == [e["action"] for e in b.events]
         for x, y in zip(jax.tree.leaves(a.gate_state), jax.tree.leaves(b.gate_state), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_lookup_state_rebuilt_from_prompt_and_output_equals_the_carried_one():
+    """`lookup_state` (what the serving engine builds at each speculative chunk) equals the state `init` and the
+    commits since would have carried, for ragged rows."""
+    import jax.numpy as jnp
+
+    from aqjax.drafters import lookup_drafter, lookup_state
+
+    d = lookup_drafter()
+    S, M = 24, 24
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 50, size=n).tolist() for n in (5, 1, 9)]
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    T = max(lengths)
+    prompt = np.zeros((3, T), np.int32)
+    history = np.zeros((3, S), np.int32)
+    for i, p in enumerate(prompts):
+        prompt[i, :len(p)] = p
+        history[i, :len(p)] = p
+    first = jnp.asarray([7, 8, 9], jnp.int32)
+    out = np.full((3, M), -1, np.int32)
+    out[:, 0] = np.asarray(first)
+    n_out = np.ones((3,), np.int32)
+
+    class Cache:
+        max_len = S
+
+    st = d.init((), jnp.asarray(prompt), jnp.asarray(lengths), first, Cache())
+    for step in range(3):  # commits of ragged lengths (0 = a row that emitted nothing)
+        n = np.array([[2, 0, 3], [1, 4, 0], [3, 1, 2]][step], np.int32)
+        toks = rng.integers(0, 50, size=(3, 5)).astype(np.int32)
+        st = d.commit((), st, jnp.asarray(toks), jnp.asarray(n))
+        for b in range(3):
+            out[b, n_out[b]: n_out[b] + n[b]] = toks[b, : n[b]]
+        n_out += n
+    rebuilt = lookup_state(jnp.asarray(history), jnp.asarray(lengths), jnp.asarray(out), jnp.asarray(n_out))
+    np.testing.assert_array_equal(rebuilt.length, st.length)
+    for b in range(3):
+        L = int(st.length[b])
+        np.testing.assert_array_equal(np.asarray(rebuilt.buf)[b, :L], np.asarray(st.buf)[b, :L])
+        assert np.all(np.asarray(rebuilt.buf)[b, L:] == -1)

@@ -160,7 +160,9 @@ class LlamaCppServer(Server):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(self.port), "--host", "127.0.0.1",
-               "--n_threads", str(os.cpu_count()), "--n_ctx", str(max(2048, args.max_len))]
+               "--n_threads", str(os.cpu_count()), "--n_ctx", str(max(2048, args.max_len)),
+               # by default it abandons the stream it is serving when another request arrives (empty 200 answers)
+               "--interrupt_requests", "False"]
         self._start(cmd, workdir)
 
 
@@ -198,6 +200,8 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max
                     last = now
                     chunks += 1
     tokens = tokens or chunks  # a server that reports no usage when streaming (llama-cpp-python): a token a chunk
+    if tokens == 0:  # an empty answer is counted as a failure (a server that dropped the stream)
+        return {"ok": False, "status": "empty"}
     return {"ok": True, "ttft": (first or time.perf_counter()) - t0, "tokens": tokens,
             "itl": (last - first) / (tokens - 1) if first is not None and tokens > 1 else None}
 

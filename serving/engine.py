@@ -147,6 +147,12 @@ class EngineConfig:
         ("self", "draft") are not served yet.
       speculative_rows: the largest prefix bucket decoded speculatively (beyond it, a verification forward over
         k + 1 positions per slot costs more than its accepted tokens save; see bench/serve.py).
+      speculative_min_tokens: speculate only while the decoding slots' recent tokens per verification step (an
+        average per slot, over its speculative chunks) reach this on average: below it, a step over k + 1
+        positions costs more than the tokens it yields (on the 2-core CPU a 5-position forward costs ~1.5 plain
+        steps), as in open chat, where lookup finds few drafts. A slot without a speculative chunk yet counts as
+        promising.
+      speculative_probe: after this many plain chunks chosen for low yield, one speculative chunk measures again.
       unroll_layers: run the decoder's layers unrolled over per-layer weights (`models.params.compute_params`)
         instead of a scan. Default False: measured on the 2-core CPU (bench/serve.py, 32 slots), unrolled, the
         governed server streamed one client faster (55 vs 47 tok/s) but 32 clients arriving at once no faster
@@ -176,6 +182,8 @@ class EngineConfig:
     draft_k: int = 4
     speculative_rows: int = 1
     max_ngram: int = 3
+    speculative_min_tokens: float = 1.5
+    speculative_probe: int = 8
 
     def __post_init__(self):
         for name in ("slots", "max_len", "chunk_steps", "prefill_chunk", "min_prompt_bucket", "max_stop_ids",
@@ -196,6 +204,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.speculative must be one of {SPECULATIVE_KINDS}, got {self.speculative!r}")
         if not isinstance(self.draft_k, int) or not 1 <= self.draft_k <= MAX_DRAFT_K:
             raise ValueError(f"EngineConfig.draft_k must be an integer in [1, {MAX_DRAFT_K}], got {self.draft_k!r}")
+        if not self.speculative_min_tokens >= 0 or int(self.speculative_probe) < 1:
+            raise ValueError("EngineConfig.speculative_min_tokens must be >= 0 and speculative_probe >= 1")
         if int(self.speculative_rows) < 0:
             raise ValueError("EngineConfig.speculative_rows must be >= 0")
         if not 1 <= int(self.max_ngram) <= 8:
@@ -319,6 +329,7 @@ class _Slot:
     started: float = 0.0
     first_token: float | None = None
     state_before: Any = None
+    spec_yield: float | None = None  # tokens per verification step, averaged over its speculative chunks
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -658,6 +669,7 @@ class Engine:
         self.completed = 0
         self.chunks = 0
         self.recompiles = 0
+        self._plain_since_spec = 0  # plain chunks chosen for low speculative yield since the last speculative one
         self.spec_chunks = 0  # speculative chunks, their slot-steps, drafted and accepted draft tokens
         self.spec_steps = 0
         self.spec_drafted = 0
@@ -1100,8 +1112,23 @@ class Engine:
         return _stack_rows([pad if getattr(r, field) is None else getattr(r, field) for r in reqs], rows, pad)
 
     def _speculates(self, rows: int) -> bool:
-        """Whether a decode chunk over `rows` slots speculates."""
+        """Whether a decode chunk over `rows` slots can speculate (a compiled speculative chunk exists for it)."""
         return self._drafter is not None and rows <= self.config.speculative_rows
+
+    def _worth_speculating(self, rows: int) -> bool:
+        """Whether the next chunk over `rows` slots speculates: it can, and the decoding slots' recent yield (or
+        a probe, every `speculative_probe` plain chunks) says it pays."""
+        if not self._speculates(rows):
+            return False
+        c = self.config
+        yields = [s.spec_yield for s in self._slots[:rows] if s is not None and s.decoding]
+        if any(y is None for y in yields) or sum(yields) >= c.speculative_min_tokens * len(yields):
+            return True
+        self._plain_since_spec += 1
+        if self._plain_since_spec > c.speculative_probe:
+            self._plain_since_spec = 0
+            return True
+        return False
 
     def _run_chunk(self, rows: int, *, speculate: bool):
         """One decode chunk over the first `rows` slots: (state, packed) from `_chunk` or `_spec_chunk`."""
@@ -1116,7 +1143,7 @@ class Engine:
         t0 = time.monotonic()
         last = max(i for i, s in enumerate(self._slots) if s is not None and s.decoding)
         rows = self._rows_for(last + 1)
-        speculate = self._speculates(rows)
+        speculate = self._worth_speculating(rows)
         self._state, packed = self._run_chunk(rows, speculate=speculate)
         packed = np.asarray(packed)
         # packed rows: W token columns, n_out, done, finish, (speculating: steps, drafted, accepted), logprobs
@@ -1130,9 +1157,13 @@ class Engine:
             new = [int(t) for t in packed[i, :W] if t >= 0]
             produced += len(new)
             if speculate:
-                self.spec_steps += int(packed[i, W + 3])
+                steps = int(packed[i, W + 3])
+                self.spec_steps += steps
                 self.spec_drafted += int(packed[i, W + 4])
                 self.spec_accepted += int(packed[i, W + 5])
+                if steps:
+                    y = len(new) / steps
+                    s.spec_yield = y if s.spec_yield is None else 0.5 * s.spec_yield + 0.5 * y
             if new:
                 if s.first_token is None:
                     s.first_token = now

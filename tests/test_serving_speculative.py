@@ -166,3 +166,34 @@ def test_the_server_speculates_and_answers_as_without(tmp_path):
                   if line.startswith("aqjax_speculative_")}
         assert values["aqjax_speculative_chunks_total"] > 0
         assert 0 < values["aqjax_speculative_accepted_total"] <= values["aqjax_speculative_drafted_total"]
+
+
+def test_low_yield_falls_back_to_plain_chunks_and_probes_again(mock):  # noqa: F811
+    """A chat answer the prompt does not contain: lookup's drafts fail (about one token per step), so after the first
+    speculative chunk the engine decodes plainly, speculating again once per `speculative_probe` plain chunks."""
+    config = dataclasses.replace(SPEC, chunk_steps=2, speculative_min_tokens=1.5, speculative_probe=3)
+    engine = Engine(mock.cfg, mock.params, config, stop_ids=mock.tokenizer.stop_ids, eos_id=mock.tokenizer.eos_id)
+    prompt = chat_prompt(mock, "hi")
+    (sink,) = drive(engine, [dict(prompt=prompt, max_new=26)])
+    assert mock.tokenizer.decode(sink.tokens) == "abcdefghijklmnopqrstuvwxyz"
+    plain = engine.chunks - engine.spec_chunks
+    assert engine.spec_steps > 0 and engine.spec_accepted < engine.spec_steps  # < 1 draft accepted per step
+    # chunks: the first speculates, then probes after every 3 plain ones (S P P P S P P P ...)
+    assert engine.spec_chunks == 1 + (engine.chunks - 1) // 4 and plain >= 3
+
+
+def test_a_promising_new_slot_speculates_even_beside_a_low_yield_one(mock):  # noqa: F811
+    config = dataclasses.replace(SPEC, chunk_steps=2, speculative_min_tokens=1.5, speculative_probe=100)
+    engine = Engine(mock.cfg, mock.params, config, stop_ids=mock.tokenizer.stop_ids, eos_id=mock.tokenizer.eos_id)
+    low = Sink()
+    engine.submit(EngineRequest(prompt=chat_prompt(mock, "hi"), max_new=26, sink=low))
+    for _ in range(4):
+        engine.step()
+    spec_before = engine.spec_chunks
+    engine.step()
+    assert engine.spec_chunks == spec_before  # low yield alone: plain
+    high = Sink()
+    engine.submit(EngineRequest(prompt=chat_prompt(mock, "abcdefghijklmnopqrstuvwxyz"), max_new=26, sink=high))
+    for _ in range(3):  # its prompt is prefilled in two pieces; once it decodes, with no yield yet, it speculates
+        engine.step()
+    assert engine.spec_chunks > spec_before

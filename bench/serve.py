@@ -3,7 +3,7 @@
     python bench/serve.py                                  # 1, 8, 32, 64 clients, 64 tokens each, default model
     python bench/serve.py --clients 1,8 --max-tokens 32    # a quicker run
     python bench/serve.py --slots-per-run                  # restart the server per N with slots = N
-    python bench/serve.py --unroll-layers                  # the layers unrolled ([engine] unroll_layers)
+    python bench/serve.py --layers scan                    # the layers in a scan ([engine] unroll_layers = false)
     python bench/serve.py --modes on,on+lookup --workload grounded --clients 1,4   # speculative decoding
     python bench/serve.py --llama-cpp /path/to/venv/bin/python                    # add llama.cpp's server
 
@@ -106,8 +106,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = os.path.join(workdir, f"bench-{self.port}.toml")
         with open(cfg, "w") as f:
-            f.write(f"[engine]\nunroll_layers = {'true' if args.unroll_layers else 'false'}\n"
-                    f'speculative = "{speculative}"\ndraft_k = {args.draft_k}\n'
+            f.write("[engine]\n" + ("" if args.layers == "auto" else
+                                     f"unroll_layers = {'true' if args.layers == 'unrolled' else 'false'}\n")
+                    + f'speculative = "{speculative}"\ndraft_k = {args.draft_k}\n'
                     f"speculative_rows = {args.speculative_rows}\n\n")
             f.write(f'[[keys]]\nsha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"\nprincipal = "bench"\n')
         cmd = [sys.executable, "-m", "serving.main", "--config", cfg, "--port", str(self.port),
@@ -233,9 +234,10 @@ def main(argv=None) -> int:
     p.add_argument("--workload", choices=["chat", "grounded"], default="chat")
     p.add_argument("--draft-k", type=int, default=4, help="draft tokens per step in +lookup modes")
     p.add_argument("--speculative-rows", type=int, default=1, help="the most slots a speculative chunk runs over")
+    p.add_argument("--rounds", type=int, default=1, help="rounds per N; the table shows the median round")
     p.add_argument("--slots-per-run", action="store_true", help="restart the server per N with slots = N")
-    p.add_argument("--unroll-layers", action="store_true",
-                   help="serve with [engine] unroll_layers = true (default: the scan, see serving.engine.EngineConfig)")
+    p.add_argument("--layers", choices=["auto", "unrolled", "scan"], default="auto",
+                   help="[engine] unroll_layers (auto: the server's default, unrolled on CPU)")
     p.add_argument("--llama-cpp", metavar="PYTHON", help="an interpreter with llama-cpp-python[server] installed "
                    "(default: this one, when it has llama_cpp)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp row even when it is installed")
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
     prompts = _grounded_prompts() if args.workload == "grounded" else CHAT_PROMPTS
     print(f"# aqjax serving benchmark: {args.workload} workload, {args.max_tokens} tokens per client, "
           f"max_len {args.max_len}, chunk_steps {args.chunk_steps}, prefill_chunk {args.prefill_chunk}, "
-          f"layers {'unrolled' if args.unroll_layers else 'in a scan'}"
+          f"layers {args.layers}"
           + (f", +lookup: draft_k {args.draft_k}, speculative_rows {args.speculative_rows}"
              if any("+" in m for m in modes) else ""))
     print(f"# host: {os.cpu_count()} CPUs visible; results depend on what else runs on the machine")
@@ -277,12 +279,17 @@ def main(argv=None) -> int:
             try:
                 asyncio.run(_round(server, 1, 4, prompts))  # one unmeasured request
                 for n in group:
-                    r = asyncio.run(_round(server, n, args.max_tokens, prompts))
-                    r.update(mode=mode, slots=1 if mode == "llama.cpp" else slots)
+                    reps = []
+                    for _ in range(args.rounds):
+                        r = asyncio.run(_round(server, n, args.max_tokens, prompts))
+                        reps.append(r)
+                        print(f"  {mode:>10} N={n:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50']:.2f}s "
+                              f"p99 {r['ttft99']:.2f}s  ITL p50 {r['itl50'] * 1e3:.0f}ms p99 {r['itl99'] * 1e3:.0f}ms"
+                              f"  ({r['ok']}/{n} ok)", flush=True)
+                    r = sorted(reps, key=lambda x: x["tok_s"])[len(reps) // 2]  # the median round
+                    r.update(mode=mode, slots=1 if mode == "llama.cpp" else slots,
+                             ok=min(x["ok"] for x in reps))
                     rows.append(r)
-                    print(f"  {mode:>10} N={n:<3} {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50']:.2f}s "
-                          f"p99 {r['ttft99']:.2f}s  ITL p50 {r['itl50'] * 1e3:.0f}ms p99 {r['itl99'] * 1e3:.0f}ms"
-                          f"  ({r['ok']}/{n} ok)", flush=True)
             finally:
                 server.stop()
     print()

@@ -31,7 +31,7 @@
     protected_spans = 64            # per slot: the protected spans a request's disclosure gate matches,
     protected_chars = 16            #   their distinct non-ASCII characters,
     evidence_nodes = 2048           #   and the nodes of its evidence's digit trie (more: the request gets 400)
-    unroll_layers = false           # true: the decoder's layers unrolled over per-layer weights
+    unroll_layers = true            # the decoder's layers unrolled over per-layer weights (default: on CPU)
     speculative = "none"            # "lookup": prompt-lookup speculative decoding in chunks over few slots
     draft_k = 4                     #   draft tokens per step
     speculative_rows = 1            #   the most slots (a prefix bucket) a speculative chunk runs over

@@ -51,7 +51,7 @@ def test_layer_layout_is_an_engine_setting(tmp_path):
     from serving.engine import Engine, EngineConfig
     from serving.mock import load_mock
 
-    assert load_config(SHIPPED).engine.unroll_layers is False  # the server's default: the scan (EngineConfig)
+    assert load_config(SHIPPED).engine.unroll_layers is None  # the server's default: by device (EngineConfig)
     conf = tmp_path / "c.toml"
     conf.write_text("[engine]\nunroll_layers = true\n")
     assert load_config(conf).engine.unroll_layers is True

@@ -128,7 +128,9 @@ def forward(
     Args:
       params: packed params (`models.params.pack_params`).
       tokens: Int[B, T] new token ids, left-aligned; row b's first token goes to position cache.lengths[b].
-      cache: the KV cache; the caller guarantees lengths + T <= cache.max_len.
+      cache: the KV cache; the caller guarantees lengths + T <= cache.max_len. Its buffers may hold more rows
+        than `tokens` (lengths has B entries): the forward then reads and writes only their first B rows, in
+        place, so a caller can run a prefix of a larger batch without copying that prefix's cache out and back.
       cfg: static model config.
       n_new: Int[B] how many of the T tokens are real per row (default T); lengths advance by it.
       return_layers: also return every layer's output, Float[L, B, T, D] (tests only).
@@ -170,7 +172,7 @@ def forward(
         if blocked:
             attn = _attention_blocked(q, k_all, v_all, idx, positions, cfg=cfg, block=block)
         else:
-            attn = _attention(q, k_all[idx], v_all[idx], bias, cfg=cfg)
+            attn = _attention(q, k_all[idx, :B], v_all[idx, :B], bias, cfg=cfg)
         # As one [B, T, K*G*H] @ [K*G*H, D] product: written as an einsum over (K, G, H), XLA:CPU transposed the
         # weight (a copy of wo in every layer at every step, a third of a batch-1 decode step) instead of the
         # attention output.

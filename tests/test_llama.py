@@ -178,3 +178,24 @@ def test_self_draft_shares_per_layer_buffers_and_matches_the_stacked_one():
     shared_draft = self_draft(per_layer, cfg, 1, None)
     assert shared_draft.params["layers"][0]["wqkv"] is per_layer["layers"][0]["wqkv"]  # no copy
     chex.assert_trees_all_equal(stack_layers(shared_draft.params), stacked_draft.params)
+
+
+@pytest.mark.parametrize("T", [1, 5, 20])  # decode and verification (blocked attention), prefill (dense)
+def test_a_prefix_of_a_larger_cache_runs_in_place(T):
+    """A forward over the first B rows of a cache with more rows (the serving engine's prefix buckets) equals the
+    forward over those rows alone, and leaves the other rows' keys and values untouched."""
+    cfg = tiny_config()
+    packed = pack_params(init_params(cfg, jax.random.key(11)), cfg)
+    prompt = jax.random.randint(jax.random.key(12), (4, 20), 0, cfg.vocab_size)
+    full = KVCache.init(cfg, 4, 128)  # S > 64: decode takes the blocked attention path
+    _, full = forward(packed, prompt, full, cfg=cfg, n_new=jnp.array([20, 7, 13, 3]))
+    new = jax.random.randint(jax.random.key(13), (2, T), 0, cfg.vocab_size)
+    alone = KVCache(k=full.k[:, :2], v=full.v[:, :2], lengths=full.lengths[:2])
+    h_alone, alone = forward(packed, new, alone, cfg=cfg)
+    prefix = KVCache(k=full.k, v=full.v, lengths=full.lengths[:2])
+    h_prefix, prefix = forward(packed, new, prefix, cfg=cfg)
+    np.testing.assert_allclose(np.asarray(h_prefix), np.asarray(h_alone), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(prefix.lengths), np.asarray(alone.lengths))
+    np.testing.assert_allclose(np.asarray(prefix.k[:, :2]), np.asarray(alone.k), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(prefix.k[:, 2:]), np.asarray(full.k[:, 2:]))
+    np.testing.assert_array_equal(np.asarray(prefix.v[:, 2:]), np.asarray(full.v[:, 2:]))

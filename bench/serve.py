@@ -256,7 +256,9 @@ def main(argv=None) -> int:
              if any("+" in m for m in modes) else ""))
     print(f"# host: {os.cpu_count()} CPUs visible; results depend on what else runs on the machine")
     llama = None if args.no_llama_cpp else _llama_cpp_python(args.llama_cpp)
-    if llama is None:
+    if args.no_llama_cpp:
+        print("# llama.cpp: skipped (--no-llama-cpp)")
+    elif llama is None:
         print("# llama.cpp: llama-cpp-python is not installed, so there is no llama.cpp row in this run "
               "(pip install 'llama-cpp-python[server]' somewhere and pass --llama-cpp PYTHON to add one)")
     runs = []

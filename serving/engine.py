@@ -150,8 +150,9 @@ class EngineConfig:
       speculative_min_tokens: speculate only while the decoding slots' recent tokens per verification step (an
         average per slot, over its speculative chunks) reach this on average: below it, a step over k + 1
         positions costs more than the tokens it yields (on the 2-core CPU a 5-position forward costs ~1.5 plain
-        steps), as in open chat, where lookup finds few drafts. A slot without a speculative chunk yet counts as
-        promising.
+        steps), as in open chat, where lookup finds few drafts. A slot without a speculative chunk yet is
+        judged by the engine's recent yield over all slots (so, under a chat load, new requests start plainly),
+        and counts as promising when there is none.
       speculative_probe: after this many plain chunks chosen for low yield, one speculative chunk measures again.
       unroll_layers: run the decoder's layers unrolled over per-layer weights (`models.params.compute_params`)
         instead of a scan (which makes XLA:CPU copy each layer's weights out of the stack at every step). Default
@@ -675,6 +676,7 @@ class Engine:
         self.chunks = 0
         self.recompiles = 0
         self._plain_since_spec = 0  # plain chunks chosen for low speculative yield since the last speculative one
+        self._recent_yield: float | None = None  # tokens per verification step over recent speculative chunks
         self.spec_chunks = 0  # speculative chunks, their slot-steps, drafted and accepted draft tokens
         self.spec_steps = 0
         self.spec_drafted = 0
@@ -1126,7 +1128,8 @@ class Engine:
         if not self._speculates(rows):
             return False
         c = self.config
-        yields = [s.spec_yield for s in self._slots[:rows] if s is not None and s.decoding]
+        yields = [self._recent_yield if s.spec_yield is None else s.spec_yield
+                  for s in self._slots[:rows] if s is not None and s.decoding]
         if any(y is None for y in yields) or sum(yields) >= c.speculative_min_tokens * len(yields):
             return True
         self._plain_since_spec += 1
@@ -1169,6 +1172,8 @@ class Engine:
                 if steps:
                     y = len(new) / steps
                     s.spec_yield = y if s.spec_yield is None else 0.5 * s.spec_yield + 0.5 * y
+                    r = self._recent_yield
+                    self._recent_yield = y if r is None else 0.8 * r + 0.2 * y
             if new:
                 if s.first_token is None:
                     s.first_token = now

@@ -182,18 +182,20 @@ def test_low_yield_falls_back_to_plain_chunks_and_probes_again(mock):  # noqa: F
     assert engine.spec_chunks == 1 + (engine.chunks - 1) // 4 and plain >= 3
 
 
-def test_a_promising_new_slot_speculates_even_beside_a_low_yield_one(mock):  # noqa: F811
-    config = dataclasses.replace(SPEC, chunk_steps=2, speculative_min_tokens=1.5, speculative_probe=100)
+def test_new_requests_start_by_the_engines_recent_yield(mock):  # noqa: F811
+    """After low-yield answers, a new request starts plainly (no speculative chunk before a probe); a request whose
+    drafts succeed is found by the next probe and keeps speculating."""
+    config = dataclasses.replace(SPEC, chunk_steps=2, speculative_min_tokens=1.5, speculative_probe=2)
     engine = Engine(mock.cfg, mock.params, config, stop_ids=mock.tokenizer.stop_ids, eos_id=mock.tokenizer.eos_id)
-    low = Sink()
-    engine.submit(EngineRequest(prompt=chat_prompt(mock, "hi"), max_new=26, sink=low))
-    for _ in range(4):
-        engine.step()
-    spec_before = engine.spec_chunks
-    engine.step()
-    assert engine.spec_chunks == spec_before  # low yield alone: plain
-    high = Sink()
-    engine.submit(EngineRequest(prompt=chat_prompt(mock, "abcdefghijklmnopqrstuvwxyz"), max_new=26, sink=high))
-    for _ in range(3):  # its prompt is prefilled in two pieces; once it decodes, with no yield yet, it speculates
-        engine.step()
-    assert engine.spec_chunks > spec_before
+    drive(engine, [dict(prompt=chat_prompt(mock, "hi"), max_new=26)])  # low yield: the engine learns it
+    engine._plain_since_spec = 0
+    spec_before, chunks_before = engine.spec_chunks, engine.chunks
+    (low,) = drive(engine, [dict(prompt=chat_prompt(mock, "hi"), max_new=26)])
+    assert mock.tokenizer.decode(low.tokens) == "abcdefghijklmnopqrstuvwxyz"
+    chunks, specs = engine.chunks - chunks_before, engine.spec_chunks - spec_before
+    assert specs == chunks // 3  # only the probes (P P S P P S ...), not the request's first chunk
+    spec_before, chunks_before = engine.spec_chunks, engine.chunks
+    (high,) = drive(engine, [dict(prompt=chat_prompt(mock, "abcdefghijklmnopqrstuvwxyz"), max_new=26)])
+    assert mock.tokenizer.decode(high.tokens) == "abcdefghijklmnopqrstuvwxyz"
+    chunks, specs = engine.chunks - chunks_before, engine.spec_chunks - spec_before
+    assert specs > chunks // 2  # once a probe has seen its drafts succeed, it speculates

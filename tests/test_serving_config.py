@@ -52,6 +52,12 @@ def test_layer_layout_is_an_engine_setting(tmp_path):
     from serving.mock import load_mock
 
     assert load_config(SHIPPED).engine.unroll_layers is None  # the server's default: by device (EngineConfig)
+    shipped = load_config(SHIPPED).engine  # and prompt lookup while one stream runs (README)
+    assert (shipped.speculative, shipped.speculative_rows) == ("lookup", 1)
+    conf_spec = tmp_path / "s.toml"
+    conf_spec.write_text('[engine]\nspeculative = "self"\n')
+    with pytest.raises(ConfigError, match="speculative must be one of"):
+        load_config(conf_spec)
     conf = tmp_path / "c.toml"
     conf.write_text("[engine]\nunroll_layers = true\n")
     assert load_config(conf).engine.unroll_layers is True

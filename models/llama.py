@@ -204,6 +204,8 @@ def forward(
 
 def logits_from_hidden(params: Params, h: Float[Array, "... D"], *, cfg: LlamaConfig) -> Float[Array, "... V"]:
     """The output head: float32 logits from final hidden states."""
+    if "head_t" in params:  # the tied head as [D, V] (`models.params.compute_params`, CPU layout)
+        return jnp.dot(h, params["head_t"], preferred_element_type=jnp.float32)
     if cfg.tie_embeddings:
         return jnp.einsum("...D,VD->...V", h, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)

@@ -199,3 +199,18 @@ def test_a_prefix_of_a_larger_cache_runs_in_place(T):
     np.testing.assert_allclose(np.asarray(prefix.k[:, :2]), np.asarray(alone.k), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(prefix.k[:, 2:]), np.asarray(full.k[:, 2:]))
     np.testing.assert_array_equal(np.asarray(prefix.v[:, 2:]), np.asarray(full.v[:, 2:]))
+
+
+def test_cpu_layout_transposed_tied_head_gives_the_same_logits():
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(), tie_embeddings=True)
+    packed = pack_params(init_params(cfg, jax.random.key(21)), cfg)
+    packed.pop("lm_head", None)
+    cpu = compute_params(packed, cfg, unroll=True)
+    assert "head_t" in cpu and "head_t" not in packed  # the caller's params are left as they were
+    assert "head_t" not in compute_params(packed, cfg, unroll=False)
+    np.testing.assert_array_equal(np.asarray(cpu["head_t"]), np.asarray(packed["embed"]).T)
+    h = jax.random.normal(jax.random.key(22), (3, 5, cfg.d_model))
+    np.testing.assert_allclose(np.asarray(logits_from_hidden(cpu, h, cfg=cfg)),
+                               np.asarray(logits_from_hidden(packed, h, cfg=cfg)), atol=1e-5, rtol=1e-5)

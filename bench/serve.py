@@ -61,23 +61,14 @@ CHAT_PROMPTS = [
 
 
 def _grounded_prompts() -> list[str]:
+    """bench/speculative.py's grounded workload: questions about bench/decode.py's long text, given in the prompt."""
     import importlib.util
 
     here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location("_bench_speculative_text", os.path.join(here, "decode.py"))
+    spec = importlib.util.spec_from_file_location("_bench_speculative", os.path.join(here, "speculative.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    questions = [
-        "Summarize the following text in a few sentences.",
-        "List every year mentioned in the following text and what happened in it.",
-        "Extract the names of the instruments and buildings described in the following text.",
-        "What did the volunteers do, according to the following text?",
-        "Write a short summary of the following text for a newsletter.",
-        "Which events closed or changed the observatory? Answer from the following text.",
-        "Extract three facts about the archive and the library from the following text.",
-        "Summarize the history of the dome from the following text.",
-    ]
-    return [f"{q}\n\n{module.LONG_TEXT}" for q in questions]
+    return [f"{q}\n\n{module.LONG_TEXT}" for q in module.GROUNDED]
 
 
 def _free_port() -> int:

@@ -541,20 +541,36 @@ def _chunk(params: Params, state: _decode.DecodeState, table, *, cfg: LlamaConfi
     with log-probability buffers the new tokens' log-probabilities (see `_pack_logprobs`).
     Decoding a prefix bucket instead of all B slots makes a lightly loaded batch cheap.
     """
-    B = state.done.shape[0]
-    sub = _prefix(state, rows) if rows < B else state
-    sub_table = jax.tree.map(lambda x: x[:rows], table) if rows < B and table is not None else table
+    sub, sub_table = _sub_batch(state, table, rows)
     before = sub.n_out
     sub = _decode.decode_chunk(params, sub, sub_table, cfg=cfg, n_steps=n_steps, gate=gate)
+    return _merge_sub_batch(state, sub), _pack_new(sub, before, n_steps)
+
+
+def _sub_batch(state: _decode.DecodeState, table, rows: int):
+    """(state, table) of the first `rows` slots (the whole batch when rows = B)."""
+    if rows == state.done.shape[0]:
+        return state, table
+    return _prefix(state, rows), (None if table is None else jax.tree.map(lambda x: x[:rows], table))
+
+
+def _merge_sub_batch(state: _decode.DecodeState, sub: _decode.DecodeState) -> _decode.DecodeState:
+    return sub if sub.done.shape[0] == state.done.shape[0] else _put_prefix(state, sub)
+
+
+def _pack_new(sub: _decode.DecodeState, before, W: int, extra=()) -> jax.Array:
+    """Int[rows, W + 3 + len(extra) (+ W * (1 + 2K))]: each row's tokens since `before` (at most W, -1 padded), its
+    n_out, done, finish, the `extra` columns, then with log-probability buffers the new tokens' logprobs, top ids
+    and top logprobs (`_unpack_logprobs`)."""
     M = sub.out.shape[1]
-    idx = before[:, None] + jnp.arange(n_steps, dtype=jnp.int32)[None, :]
+    idx = before[:, None] + jnp.arange(W, dtype=jnp.int32)[None, :]
     new = jnp.take_along_axis(sub.out, jnp.minimum(idx, M - 1), axis=1)
     new = jnp.where(idx < sub.n_out[:, None], new, -1)
-    parts = [new, sub.n_out[:, None], sub.done[:, None].astype(jnp.int32), sub.finish[:, None]]
-    if sub.logprobs is not None:  # then each new token's logprob, top ids and top logprobs (`_unpack_logprobs`)
+    parts = [new, sub.n_out[:, None], sub.done[:, None].astype(jnp.int32), sub.finish[:, None],
+             *(e[:, None] for e in extra)]
+    if sub.logprobs is not None:
         parts.append(_pack_logprobs(sub.logprobs, idx))
-    packed = jnp.concatenate(parts, axis=1)
-    return (_put_prefix(state, sub) if rows < B else sub), packed
+    return jnp.concatenate(parts, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gate", "n_steps", "rows", "drafter", "k"),
@@ -570,9 +586,7 @@ def _spec_chunk(params: Params, state: _decode.DecodeState, table, history: Hist
     token columns, then n_out, done, finish), then the chunk's verification steps, drafted and accepted draft
     tokens per slot, then the log-probabilities.
     """
-    B = state.done.shape[0]
-    sub = _prefix(state, rows) if rows < B else state
-    sub_table = jax.tree.map(lambda x: x[:rows], table) if rows < B and table is not None else table
+    sub, sub_table = _sub_batch(state, table, rows)
     before = sub.n_out
     draft = lookup_state(history.tokens[:rows], history.length[:rows], sub.out, sub.n_out)
     zeros = jnp.zeros((rows,), jnp.int32)
@@ -581,18 +595,8 @@ def _spec_chunk(params: Params, state: _decode.DecodeState, table, history: Hist
                          n_accepted=zeros)
     st = _spec.spec_chunk(params, (), st, sub_table, cfg=cfg, drafter=drafter, gate=gate, k=k, adaptive=False,
                           n_steps=n_steps)
-    sub = st.dec
-    W = n_steps * (k + 1)
-    M = sub.out.shape[1]
-    idx = before[:, None] + jnp.arange(W, dtype=jnp.int32)[None, :]
-    new = jnp.take_along_axis(sub.out, jnp.minimum(idx, M - 1), axis=1)
-    new = jnp.where(idx < sub.n_out[:, None], new, -1)
-    parts = [new, sub.n_out[:, None], sub.done[:, None].astype(jnp.int32), sub.finish[:, None],
-             st.n_steps[:, None], st.n_drafted[:, None], st.n_accepted[:, None]]
-    if sub.logprobs is not None:
-        parts.append(_pack_logprobs(sub.logprobs, idx))
-    packed = jnp.concatenate(parts, axis=1)
-    return (_put_prefix(state, sub) if rows < B else sub), packed
+    packed = _pack_new(st.dec, before, n_steps * (k + 1), (st.n_steps, st.n_drafted, st.n_accepted))
+    return _merge_sub_batch(state, st.dec), packed
 
 
 @jax.jit

@@ -105,12 +105,8 @@ class LookupState:
 
 def _lookup_init(dparams, prompt, lengths, last, target_cache) -> LookupState:
     del dparams
-    B, T = prompt.shape
-    S = target_cache.max_len
-    cols = jnp.arange(S)[None, :]
-    buf = jnp.full((B, S), -1, jnp.int32).at[:, :T].set(jnp.where(jnp.arange(T)[None] < lengths[:, None], prompt, -1))
-    buf = jnp.where(cols == lengths[:, None], last[:, None], buf)
-    return LookupState(buf=buf, length=lengths + 1)
+    history = jnp.pad(prompt, ((0, 0), (0, target_cache.max_len - prompt.shape[1])))
+    return lookup_state(history, lengths, last[:, None], jnp.ones_like(lengths))
 
 
 def _lookup_propose(dparams, state: LookupState, last, choose, carry, n_draft, *, k: int, max_ngram: int,

@@ -383,8 +383,12 @@ def spec_step(
 def spec_init(dparams: Any, prompt: Int[Array, "B T"], lengths: Int[Array, " B"], dec: DecodeState, *,
               drafter: Drafter, k: int) -> SpecState:
     """Wraps a prefilled DecodeState (from `aqjax.decode.start`) and starts the drafter. `dec` is donated."""
-    B = lengths.shape[0]
-    draft = drafter.init(dparams, prompt, lengths, dec.last, dec.cache)
+    return spec_state(dec, drafter.init(dparams, prompt, lengths, dec.last, dec.cache), k)
+
+
+def spec_state(dec: DecodeState, draft: Any, k: int) -> SpecState:
+    """A SpecState around a decode state and the drafter's state for its rows: draft length k, counters at zero."""
+    B = dec.done.shape[0]
     zeros = jnp.zeros((B,), jnp.int32)
     return SpecState(dec=dec, draft=draft, k_row=jnp.full((B,), k, jnp.int32),
                      accept_avg=jnp.full((B,), float(k), jnp.float32), n_steps=zeros, n_drafted=zeros,

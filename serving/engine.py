@@ -588,11 +588,7 @@ def _spec_chunk(params: Params, state: _decode.DecodeState, table, history: Hist
     """
     sub, sub_table = _sub_batch(state, table, rows)
     before = sub.n_out
-    draft = lookup_state(history.tokens[:rows], history.length[:rows], sub.out, sub.n_out)
-    zeros = jnp.zeros((rows,), jnp.int32)
-    st = _spec.SpecState(dec=sub, draft=draft, k_row=jnp.full((rows,), k, jnp.int32),
-                         accept_avg=jnp.full((rows,), float(k), jnp.float32), n_steps=zeros, n_drafted=zeros,
-                         n_accepted=zeros)
+    st = _spec.spec_state(sub, lookup_state(history.tokens[:rows], history.length[:rows], sub.out, sub.n_out), k)
     st = _spec.spec_chunk(params, (), st, sub_table, cfg=cfg, drafter=drafter, gate=gate, k=k, adaptive=False,
                           n_steps=n_steps)
     packed = _pack_new(st.dec, before, n_steps * (k + 1), (st.n_steps, st.n_drafted, st.n_accepted))

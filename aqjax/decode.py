@@ -196,6 +196,8 @@ class DecodeState:
       confidence: Float[B] the turn's confidence so far (minimum over steps).
       events: the audit event log (None without a gate).
       logprobs: the emitted tokens' log-probabilities (`LogprobLog`), or None when not asked for.
+      last_h: Float[B, D] the target's final (normed) hidden state at the position that produced `last`, or None
+        when not asked for (`start(keep_hidden=True)`; the feature drafter starts from it).
     """
 
     cache: KVCache
@@ -214,6 +216,7 @@ class DecodeState:
     gate_state: Any = None
     events: EventLog | None = None
     logprobs: LogprobLog | None = None
+    last_h: Float[Array, "B D"] | None = None
 
 
 def _entropy_and_mass(raw: Float[Array, "B V"], mask: Bool[Array, "B V"], peak: Float[Array, " B"]):
@@ -383,13 +386,14 @@ def start(
     cfg: LlamaConfig,
     gate: Gate | None = None,
     top_logprobs: int | None = None,
+    keep_hidden: bool = False,
 ) -> DecodeState:
     """Prefills ragged prompts (right-padded to T) and samples each row's first token.
 
     Rows with length 0 are inactive (already done). `cache` is donated when called through `jit_start`.
     With a gate, `gate_state` is the rows' gate state at the start of the turn (None: `gate.init`).
     `top_logprobs` (static; None: no log) allocates a `LogprobLog` with that many alternatives per token, for
-    the rows in `want_logprobs` (None: every active row).
+    the rows in `want_logprobs` (None: every active row). `keep_hidden` (static) carries `last_h`.
     """
     B = tokens.shape[0]
     h, cache = forward(params, tokens, cache, cfg=cfg, n_new=lengths)
@@ -414,6 +418,7 @@ def start(
         events=EventLog.empty(B, out_len) if gate is not None else None,
         logprobs=None if top_logprobs is None else LogprobLog.empty(
             B, out_len, top_logprobs, active if want_logprobs is None else want_logprobs & active),
+        last_h=last_h.astype(jnp.float32) if keep_hidden else None,
     )
     # max_new == 0 ends a row before it samples anything.
     state = state.replace(done=state.done | (state.max_new <= 0),
@@ -428,6 +433,8 @@ def decode_step(
     running = ~state.done
     h, cache = forward(params, state.last[:, None], state.cache, cfg=cfg, n_new=running.astype(jnp.int32))
     logits = logits_from_hidden(params, h[:, 0], cfg=cfg)
+    if state.last_h is not None:
+        state = state.replace(last_h=jnp.where(running[:, None], h[:, 0].astype(jnp.float32), state.last_h))
     return _emit(state.replace(cache=cache), logits, gate, policy)
 
 
@@ -463,7 +470,8 @@ def decode_until_done(
 
 
 # Compiled entry points. The cache / state is donated so XLA reuses its buffers in place.
-jit_start = jax.jit(start, static_argnames=("out_len", "cfg", "gate", "top_logprobs"), donate_argnames=("cache",))
+jit_start = jax.jit(start, static_argnames=("out_len", "cfg", "gate", "top_logprobs", "keep_hidden"),
+                    donate_argnames=("cache",))
 jit_decode_chunk = jax.jit(decode_chunk, static_argnames=("cfg", "n_steps", "gate"), donate_argnames=("state",))
 jit_decode_until_done = jax.jit(decode_until_done, static_argnames=("cfg", "gate"), donate_argnames=("state",))
 

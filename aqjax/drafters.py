@@ -4,20 +4,22 @@ A `Drafter` is a NamedTuple of three functions (optax-shaped, like a `gate.core.
 parameters `dparams` (a pytree passed into the compiled loop as an argument, () when there are none) and its
 per-row state (a pytree with leading axis B):
 
-  init(dparams, prompt[B, T], lengths[B], last[B], target_cache) -> state
+  init(dparams, prompt[B, T], lengths[B], last[B], target_cache, last_h[B, D] | None) -> state
       after the target's prefill: the rows' prompts (right-padded), their lengths, the first sampled token
-      (`last`, not yet in any cache) and the target's prefilled cache.
+      (`last`, not yet in any cache), the target's prefilled cache and, for a drafter with `needs_hidden`, the
+      target's final hidden state at the last prompt position (the one that produced `last`).
   propose(dparams, state, last[B], choose, carry, n_draft[B], *, k) -> (Proposal, carry, state)
       k draft tokens per row that continue the sequence after `last`. Model drafters draw each token through
       `choose(carry, j, logits[B, Vq], ids) -> (carry, token[B], col[B], q_logp[B, Vq], ok[B])`, supplied by the
       speculative loop: it applies the gate's mask at draft position j and the row's sampling filters, so the
       draft distribution q' is gated like the target's. Positions j >= n_draft[b] are not needed (a drafter may
       skip the work when no row needs them).
-  commit(dparams, state, tokens[B, k + 1], n[B]) -> state
+  commit(dparams, state, tokens[B, k + 1], n[B], hidden[B, k + 1, D]) -> state
       the first n[b] of `tokens` followed the old `last` into the output (the last of them is the new `last`);
-      everything else the drafter assumed is rolled back.
+      everything else the drafter assumed is rolled back. `hidden` are the target's final hidden states at the
+      k + 1 verified positions (hidden[b, j] produced tokens[b, j]).
 
-Three drafters:
+Four drafters:
   * `lookup_drafter`: prompt-lookup decoding. The state is the row's token history (prompt + output) in a
     buffer; the proposal is the continuation of the most recent earlier occurrence of the longest suffix
     n-gram (n <= max_ngram). Deterministic: q is one-hot, no model runs.
@@ -28,6 +30,12 @@ Three drafters:
     of the target's prefilled one.
   * `model_drafter`: a small separate Llama (`DraftModel`, e.g. from `scripts/train_draft.py`) sharing the
     tokenizer and the target's embedding table, with its own vocabulary-subset head and KV cache.
+  * `feature_drafter`: a draft head on the target's own features (after EAGLE, Li et al. 2024): from the
+    target's final hidden state f at the position that produced `last` and the embedding of `last`, a small
+    residual MLP predicts the next position's hidden state; the target's (vocabulary-subset) head turns it into
+    draft logits; the prediction and the drafted token feed the next draft position. Its only state is f, which
+    every verification replaces with the target's true hidden state, so nothing needs rolling back and it has no
+    KV cache. Trained by `scripts/train_feature_drafter.py` on the target's own text.
 
 Why a KV cache for the model drafters rather than recomputing a window: on CPU a draft step at batch 1 is
 bound by reading its weights; a cached step reads them once for one token, whereas recomputing a window of W
@@ -87,6 +95,7 @@ class Drafter(NamedTuple):
     commit: Callable
     name: str
     deterministic: bool
+    needs_hidden: bool = False
 
 
 # ------------------------------------------------------------------------------------------- prompt lookup
@@ -103,8 +112,8 @@ class LookupState:
     length: Int[Array, " B"]
 
 
-def _lookup_init(dparams, prompt, lengths, last, target_cache) -> LookupState:
-    del dparams
+def _lookup_init(dparams, prompt, lengths, last, target_cache, last_h=None) -> LookupState:
+    del dparams, last_h
     history = jnp.pad(prompt, ((0, 0), (0, target_cache.max_len - prompt.shape[1])))
     return lookup_state(history, lengths, last[:, None], jnp.ones_like(lengths))
 
@@ -136,7 +145,7 @@ def _lookup_propose(dparams, state: LookupState, last, choose, carry, n_draft, *
     return Proposal(tokens=jnp.where(valid, tokens, 0), valid=valid), carry, state
 
 
-def _lookup_commit(dparams, state: LookupState, tokens, n) -> LookupState:
+def _lookup_commit(dparams, state: LookupState, tokens, n, hidden=None) -> LookupState:
     del dparams
     B, S = state.buf.shape
     K1 = tokens.shape[1]
@@ -190,8 +199,9 @@ class ModelDraftState:
     has_pending: Bool[Array, " B"]
 
 
-def _model_init(dparams, prompt, lengths, last, target_cache, *, cfg: LlamaConfig, share_prefix: bool):
-    del last
+def _model_init(dparams, prompt, lengths, last, target_cache, last_h=None, *, cfg: LlamaConfig,
+                share_prefix: bool):
+    del last, last_h
     B = prompt.shape[0]
     if share_prefix:
         # The self drafter's layers are the target's first layers: their prefilled keys/values are identical.
@@ -239,8 +249,8 @@ def _model_propose(dparams, state: ModelDraftState, last, choose, carry, n_draft
     return proposal, carry, state.replace(cache=cache)
 
 
-def _model_commit(dparams, state: ModelDraftState, tokens, n) -> ModelDraftState:
-    del dparams
+def _model_commit(dparams, state: ModelDraftState, tokens, n, hidden=None) -> ModelDraftState:
+    del dparams, hidden
     tl = state.target_len
     # propose fed the drafter `last` and then its own drafts (fewer than k when steps were skipped): positions
     # tl .. tl + fed - 1. Those the target kept stay valid; when it kept one more (every fed draft accepted,
@@ -332,6 +342,139 @@ def random_draft(cfg: LlamaConfig, target_params: Params, key: jax.Array, *, n_l
                       vocab_ids=ids, meta={"kind": "random"})
 
 
+# -------------------------------------------------------------------------------------- feature draft head
+
+
+@struct.dataclass
+class FeatureState:
+    """Attributes:
+      feat: Float[B, D] the target's final hidden state at the position that produced `last`.
+    """
+
+    feat: Float[Array, "B D"]
+
+
+def _rms(x, eps: float = 1e-6):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def feature_step(net: Params, feat: Float[Array, "... D"], emb: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    """One draft position of the feature drafter: the hidden state f that produced a token and that token's
+    embedding -> the predicted hidden state of the token's own position (the one that produces the next token).
+
+    net: {"w_in": [2D, D], "blocks": [{"norm": [D], "w1": [D, H], "w2": [H, D]}, ...], "out_norm": [D]}.
+    Both inputs are RMS-normalized (the target's hidden states and embeddings differ in scale); the output is
+    RMS-normalized and scaled like the target's final norm, so the target's head reads it as its own.
+    """
+    x = jnp.concatenate([_rms(feat), _rms(emb)], axis=-1)
+    z = feat + jnp.dot(x, net["w_in"], preferred_element_type=jnp.float32)
+    for blk in net["blocks"]:
+        u = _rms(z) * blk["norm"]
+        z = z + jnp.dot(jax.nn.silu(jnp.dot(u, blk["w1"], preferred_element_type=jnp.float32)), blk["w2"],
+                        preferred_element_type=jnp.float32)
+    return _rms(z) * net["out_norm"]
+
+
+def _feature_init(dparams, prompt, lengths, last, target_cache, last_h=None) -> FeatureState:
+    del dparams, prompt, lengths, last, target_cache
+    if last_h is None:
+        raise ValueError("the feature drafter needs the target's hidden state: start decoding with keep_hidden=True")
+    return FeatureState(feat=last_h.astype(jnp.float32))
+
+
+def _feature_propose(dparams, state: FeatureState, last, choose, carry, n_draft, *, k: int):
+    net, head, ids, embed = dparams["net"], dparams["head"], dparams["vocab_ids"], dparams["embed"]
+    B = last.shape[0]
+    Vq = head.shape[-1]
+    need = jnp.max(n_draft)
+
+    def run(c):
+        j, carry, f, tok, toks, cols, q_logps, oks = c
+        f = feature_step(net, f, embed[tok].astype(jnp.float32))
+        logits = jnp.dot(f, head, preferred_element_type=jnp.float32)
+        carry, nxt, col, q_logp, ok = choose(carry, j, logits, ids)
+        return (j + 1, carry, f, nxt, toks.at[j].set(nxt), cols.at[j].set(col), q_logps.at[j].set(q_logp),
+                oks.at[j].set(ok))
+
+    # only the positions some row needs (adaptive draft length, token budget): a while loop, as `_model_propose`
+    init = (jnp.zeros((), jnp.int32), carry, state.feat, last, jnp.zeros((k, B), jnp.int32),
+            jnp.zeros((k, B), jnp.int32), jnp.full((k, B, Vq), -jnp.inf, jnp.float32), jnp.zeros((k, B), bool))
+    _, carry, _, _, toks, cols, q_logps, oks = jax.lax.while_loop(lambda c: c[0] < need, run, init)
+    valid = oks.T & (jnp.arange(k)[None, :] < n_draft[:, None])
+    proposal = Proposal(tokens=toks.T, valid=valid, q_logp=q_logps.transpose(1, 0, 2), q_col=cols.T, q_ids=ids)
+    return proposal, carry, state
+
+
+def _feature_commit(dparams, state: FeatureState, tokens, n, hidden=None) -> FeatureState:
+    del dparams, tokens
+    # the new `last` was produced at verified position n - 1: the target's own hidden state there
+    h = jnp.take_along_axis(hidden, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+    return FeatureState(feat=jnp.where((n > 0)[:, None], h.astype(jnp.float32), state.feat))
+
+
+FEATURE_DRAFTER = Drafter(init=_feature_init, propose=_feature_propose, commit=_feature_commit, name="feature",
+                          deterministic=False, needs_hidden=True)
+
+
+def feature_drafter() -> Drafter:
+    """The feature drafter (see the module docstring); dparams from `FeatureDraft.dparams`."""
+    return FEATURE_DRAFTER
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureDraft:
+    """A trained feature draft head (`scripts/train_feature_drafter.py`).
+
+    Attributes:
+      net: the `feature_step` weights.
+      vocab_ids: Int[Vq] the token ids it drafts (the target's head restricted to them).
+      d_model: the target's width it was trained for.
+      meta: training record (data, time, accuracy), as saved by the training script.
+    """
+
+    net: Params
+    vocab_ids: Any
+    d_model: int
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def dparams(self, target_params: Params, cfg: LlamaConfig) -> Params:
+        """The drafter's dparams: its weights, the target's head restricted to `vocab_ids` (one [D, Vq] copy)
+        and the target's embedding table (shared)."""
+        if cfg.d_model != self.d_model:
+            raise ValueError(f"feature draft trained for width {self.d_model}, target has {cfg.d_model}")
+        ids = jnp.asarray(self.vocab_ids, jnp.int32)
+        if cfg.tie_embeddings:
+            head = jnp.asarray(target_params["embed"])[ids].T
+        else:
+            head = jnp.asarray(target_params["lm_head"])[:, ids]
+        return {"net": self.net, "head": head.astype(jnp.float32), "vocab_ids": ids, "embed": target_params["embed"]}
+
+
+def init_feature_net(key: jax.Array, d_model: int, *, blocks: int = 2, hidden: int = 1536,
+                     final_norm=None) -> Params:
+    """Fresh `feature_step` weights: the residual branches start at zero, so an untrained net returns the
+    (renormalized) input feature."""
+    keys = jax.random.split(key, 2 * blocks + 1)
+    D, H = d_model, hidden
+    net = {"w_in": jax.random.normal(keys[0], (2 * D, D), jnp.float32) * (0.02 / np.sqrt(2)),
+           "blocks": [{"norm": jnp.ones((D,), jnp.float32),
+                       "w1": jax.random.normal(keys[1 + 2 * i], (D, H), jnp.float32) / np.sqrt(D),
+                       "w2": jnp.zeros((H, D), jnp.float32)} for i in range(blocks)],
+           "out_norm": jnp.ones((D,), jnp.float32) if final_norm is None else jnp.asarray(final_norm, jnp.float32)}
+    return net
+
+
+def random_feature_draft(cfg: LlamaConfig, key: jax.Array, *, blocks: int = 1, hidden: int = 64,
+                         head_vocab: int | None = None) -> FeatureDraft:
+    """An untrained feature draft (random weights, residual branches not zero), for tests."""
+    k1, k2 = jax.random.split(key)
+    net = init_feature_net(k1, cfg.d_model, blocks=blocks, hidden=hidden)
+    for i, blk in enumerate(net["blocks"]):
+        blk["w2"] = jax.random.normal(jax.random.fold_in(k2, i), blk["w2"].shape, jnp.float32) / np.sqrt(hidden)
+    V = cfg.vocab_size if head_vocab is None else min(int(head_vocab), cfg.vocab_size)
+    return FeatureDraft(net=net, vocab_ids=np.arange(V, dtype=np.int32), d_model=cfg.d_model, meta={"kind": "random"})
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 DRAFT_MANIFEST = "aqjax_draft.json"
@@ -346,19 +489,35 @@ def default_draft_dir(target_cfg: LlamaConfig) -> pathlib.Path:
     return cache_dir() / f"draft-{safe}"
 
 
+def _save_tree(d: pathlib.Path, tree) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+        ckptr.save(d, args=ocp.args.PyTreeSave(jax.tree.map(np.asarray, tree)))
+
+
+def _restore_tree(d: pathlib.Path):
+    """An orbax PyTree checkpoint as numpy arrays (whatever devices it was saved from)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        meta = ckptr.metadata(d)
+        tree_meta = getattr(meta, "item_metadata", meta)
+        tree_meta = getattr(tree_meta, "tree", tree_meta)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta,
+                                    is_leaf=lambda x: hasattr(x, "shape"))
+        return ckptr.restore(d, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
 def save_draft(path, draft: DraftModel, *, target_cfg: LlamaConfig, force: bool = True) -> pathlib.Path:
     """Saves a DraftModel with orbax (weights) and a JSON manifest (config, vocabulary subset, training record)."""
     import shutil
-
-    import orbax.checkpoint as ocp
 
     d = pathlib.Path(path).absolute()
     if d.exists() and force:
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    tree = {"params": jax.tree.map(np.asarray, draft.params), "vocab_ids": np.asarray(draft.vocab_ids, np.int32)}
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-        ckptr.save(d / "params", args=ocp.args.PyTreeSave(tree))
+    _save_tree(d / "params", {"params": draft.params, "vocab_ids": np.asarray(draft.vocab_ids, np.int32)})
     manifest = {"format": DRAFT_FORMAT, "config": draft.cfg.to_dict(), "target": target_cfg.to_dict(),
                 "head_vocab": int(len(draft.vocab_ids)), "meta": draft.meta}
     (d / DRAFT_MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -367,8 +526,6 @@ def save_draft(path, draft: DraftModel, *, target_cfg: LlamaConfig, force: bool 
 
 def load_draft(path, target_cfg: LlamaConfig | None = None) -> DraftModel:
     """Loads a draft saved by `save_draft`; checks that it was trained for `target_cfg` (when given)."""
-    import orbax.checkpoint as ocp
-
     d = pathlib.Path(path).absolute()
     manifest_file = d / DRAFT_MANIFEST
     if not manifest_file.is_file():
@@ -383,13 +540,57 @@ def load_draft(path, target_cfg: LlamaConfig | None = None) -> DraftModel:
         if (t.get("vocab_size"), t.get("d_model")) != (target_cfg.vocab_size, target_cfg.d_model):
             raise ValueError(f"{d}: draft was trained for a target with vocab {t.get('vocab_size')} and width "
                              f"{t.get('d_model')}, not {target_cfg.vocab_size} / {target_cfg.d_model}")
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        meta = ckptr.metadata(d / "params")
-        tree_meta = getattr(meta, "item_metadata", meta)
-        tree_meta = getattr(tree_meta, "tree", tree_meta)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta,
-                                    is_leaf=lambda x: hasattr(x, "shape"))
-        tree = ckptr.restore(d / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    tree = _restore_tree(d / "params")
     params = jax.tree.map(jnp.asarray, tree["params"])
     return DraftModel(cfg=cfg, params=params, vocab_ids=np.asarray(tree["vocab_ids"], np.int32),
                       meta=manifest.get("meta", {}))
+
+
+FEATURE_MANIFEST = "aqjax_feature_draft.json"
+FEATURE_FORMAT = "aqjax-feature-draft-v1"
+
+
+def default_feature_dir(target_cfg: LlamaConfig) -> pathlib.Path:
+    """Where scripts/train_feature_drafter.py saves by default: `<aqjax cache>/feature-draft-<name>`."""
+    from models.download import cache_dir
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in target_cfg.name)
+    return cache_dir() / f"feature-draft-{safe}"
+
+
+def save_feature_draft(path, fd: FeatureDraft, *, target_cfg: LlamaConfig) -> pathlib.Path:
+    """Saves a FeatureDraft with orbax (weights, vocabulary subset) and a JSON manifest (target, record)."""
+    import shutil
+
+    d = pathlib.Path(path).absolute()
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    _save_tree(d / "params", {"net": fd.net, "vocab_ids": np.asarray(fd.vocab_ids, np.int32)})
+    manifest = {"format": FEATURE_FORMAT, "target": target_cfg.to_dict(), "d_model": int(fd.d_model),
+                "blocks": len(fd.net["blocks"]), "head_vocab": int(len(fd.vocab_ids)), "meta": fd.meta}
+    (d / FEATURE_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return d
+
+
+def load_feature_draft(path, target_cfg: LlamaConfig | None = None) -> FeatureDraft:
+    """Loads a FeatureDraft saved by `save_feature_draft`; checks the target it was trained for (when given)."""
+    d = pathlib.Path(path).absolute()
+    manifest_file = d / FEATURE_MANIFEST
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{d}: no feature draft here ({FEATURE_MANIFEST} missing); train one with "
+                                f"`python scripts/train_feature_drafter.py --out {d}`")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != FEATURE_FORMAT:
+        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}, expected {FEATURE_FORMAT!r}")
+    if target_cfg is not None:
+        t = manifest.get("target", {})
+        if (t.get("vocab_size"), t.get("d_model")) != (target_cfg.vocab_size, target_cfg.d_model):
+            raise ValueError(f"{d}: feature draft was trained for a target with vocab {t.get('vocab_size')} and "
+                             f"width {t.get('d_model')}, not {target_cfg.vocab_size} / {target_cfg.d_model}")
+    tree = _restore_tree(d / "params")
+    net = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree["net"])
+    if isinstance(net["blocks"], dict):  # a list saved by orbax may come back keyed "0", "1", ...
+        net["blocks"] = [net["blocks"][key] for key in sorted(net["blocks"], key=int)]
+    return FeatureDraft(net=net, vocab_ids=np.asarray(tree["vocab_ids"], np.int32), d_model=int(manifest["d_model"]),
+                        meta=manifest.get("meta", {}))

@@ -158,12 +158,13 @@ class Generator:
                    jnp.asarray(max_arr), jnp.asarray(stop_arr), M, gate_state)
 
     def start(self, prompts, sampling=None, max_new_tokens=128, stop_ids=None, *, gate=None, policy=None,
-              gate_state: Any = None, top_logprobs: int | None = None):
+              gate_state: Any = None, top_logprobs: int | None = None, keep_hidden: bool = False):
         """Prefills and samples the first token; returns (n_real_rows, DecodeState).
 
         With a gate (`gate.core.Gate`) and its compiled `policy` arrays, every token is gated; `gate_state`
         (leading axis = number of prompts) restores the rows' state from an earlier turn. `top_logprobs` (None:
         off) records every emitted token's log-probability and that many alternatives (see `decode.LogprobLog`).
+        `keep_hidden` carries the target's last hidden state (`DecodeState.last_h`, for the feature drafter).
         """
         if top_logprobs is not None and (not isinstance(top_logprobs, int) or top_logprobs < 0):
             raise RequestError(f"top_logprobs must be None or a non-negative int, got {top_logprobs!r}")
@@ -173,7 +174,8 @@ class Generator:
             prompts, sampling, max_new_tokens, stop_ids, gate_state
         )
         state = _decode.jit_start(self.params, tokens, lens, cache, sp, max_arr, stop_arr, M, gate_state, policy,
-                                  cfg=self.cfg, gate=gate, top_logprobs=top_logprobs)
+                                  cfg=self.cfg, gate=gate, top_logprobs=top_logprobs,
+                                  keep_hidden=keep_hidden)
         return n, state
 
     # -- running -------------------------------------------------------------------------------------------

@@ -59,7 +59,17 @@ from aqjax.decode import (
     _gated_logprobs,
     _verdicts_and_events,
 )
-from aqjax.drafters import Drafter, DraftModel, load_draft, lookup_drafter, model_drafter, self_draft
+from aqjax.drafters import (
+    Drafter,
+    DraftModel,
+    FeatureDraft,
+    feature_drafter,
+    load_draft,
+    load_feature_draft,
+    lookup_drafter,
+    model_drafter,
+    self_draft,
+)
 from aqjax.engine import GenerationResult, Generator, RequestError, bucket
 from aqjax.sampling import SamplingConfig, SamplingParams, filter_logits
 from gate.core import NO_RULE, NO_TOKEN, Gate, Verdict, keep_rows
@@ -67,7 +77,7 @@ from models.config import LlamaConfig
 from models.llama import forward, logits_from_hidden
 from models.params import Params, per_layer, stack_layers, unstack_layers
 
-SPECULATIVE_KINDS = ("none", "lookup", "self", "draft")
+SPECULATIVE_KINDS = ("none", "lookup", "self", "draft", "feature")
 MAX_DRAFT_K = 15
 
 # key streams within a row's step key
@@ -365,7 +375,11 @@ def spec_step(
 
     # 5. roll back what was not kept: cache lengths, drafter state (the gate state followed the emitted tokens)
     new_dec = new_dec.replace(cache=new_dec.cache.replace(lengths=tl + n_used), step=dec.step + 1)
-    dstate = drafter.commit(dparams, dstate, emitted.T, n_used)
+    dstate = drafter.commit(dparams, dstate, emitted.T, n_used, h)
+    if new_dec.last_h is not None:  # the new `last` came from verified position n_used - 1
+        h_last = jnp.take_along_axis(h, jnp.maximum(n_used - 1, 0)[:, None, None], axis=1)[:, 0]
+        new_dec = new_dec.replace(last_h=jnp.where((n_used > 0)[:, None], h_last.astype(jnp.float32),
+                                                   new_dec.last_h))
 
     accepted = jnp.maximum(n_used - 1, 0)
     k_row, avg = st.k_row, st.accept_avg
@@ -383,7 +397,7 @@ def spec_step(
 def spec_init(dparams: Any, prompt: Int[Array, "B T"], lengths: Int[Array, " B"], dec: DecodeState, *,
               drafter: Drafter, k: int) -> SpecState:
     """Wraps a prefilled DecodeState (from `aqjax.decode.start`) and starts the drafter. `dec` is donated."""
-    return spec_state(dec, drafter.init(dparams, prompt, lengths, dec.last, dec.cache), k)
+    return spec_state(dec, drafter.init(dparams, prompt, lengths, dec.last, dec.cache, dec.last_h), k)
 
 
 def spec_state(dec: DecodeState, draft: Any, k: int) -> SpecState:
@@ -467,10 +481,12 @@ class SpeculativeGenerator:
 
     Args:
       gen: the target's Generator (its packed params, stop ids and buckets are reused).
-      speculative: default drafter: "lookup", "self" or "draft" ("none" is allowed: plain decoding).
+      speculative: default drafter: "lookup", "self", "draft" or "feature" ("none" is allowed: plain decoding).
       draft_k: default number of draft tokens per step (1..15).
       draft: for "draft": a DraftModel, or a path to one saved by scripts/train_draft.py (default: the
         standard location, `aqjax.drafters.default_draft_dir`).
+      feature: for "feature": a FeatureDraft, or a path to one saved by scripts/train_feature_drafter.py
+        (default: `aqjax.drafters.default_feature_dir`).
       self_layers: layers of the early-exit drafter ("self").
       head_vocab: token ids [0, head_vocab) the "self" drafter's head predicts (None: all).
       max_ngram / min_ngram: longest / shortest suffix n-gram the "lookup" drafter matches.
@@ -482,8 +498,9 @@ class SpeculativeGenerator:
     """
 
     def __init__(self, gen: Generator, speculative: str = "lookup", *, draft_k: int = 4,
-                 draft: DraftModel | str | None = None, self_layers: int = 8, head_vocab: int | None = 8192,
-                 max_ngram: int = 3, min_ngram: int = 1, adaptive: bool | None = None):
+                 draft: DraftModel | str | None = None, feature: FeatureDraft | str | None = None,
+                 self_layers: int = 8, head_vocab: int | None = 8192, max_ngram: int = 3, min_ngram: int = 1,
+                 adaptive: bool | None = None):
         _check_kind(speculative)
         self.gen = gen
         self.cfg, self.params, self.stop_ids = gen.cfg, gen.params, gen.stop_ids
@@ -497,6 +514,8 @@ class SpeculativeGenerator:
         lookup_drafter(self.max_ngram, self.min_ngram)  # validates them
         self.adaptive = adaptive
         self._draft = draft
+        self._feature = feature
+        self._feature_dparams: Any = None
         self._models: dict[str, DraftModel] = {}
         self.last_stats: SpecStats | None = None
 
@@ -517,10 +536,25 @@ class SpeculativeGenerator:
                 self._models[kind] = dataclasses.replace(dm, params=same(dm.params))
         return self._models[kind]
 
+    def feature_draft(self) -> FeatureDraft:
+        """The FeatureDraft behind "feature" (loaded once)."""
+        if not isinstance(self._feature, FeatureDraft):
+            f = self._feature
+            if f is None:
+                from aqjax.drafters import default_feature_dir
+
+                f = default_feature_dir(self.cfg)
+            self._feature = load_feature_draft(f, self.cfg)
+        return self._feature
+
     def drafter(self, kind: str) -> tuple[Drafter, Any]:
         """(Drafter, dparams) for a kind."""
         if kind == "lookup":
             return lookup_drafter(self.max_ngram, self.min_ngram), ()
+        if kind == "feature":
+            if self._feature_dparams is None:  # the restricted head is a copy: made once
+                self._feature_dparams = self.feature_draft().dparams(self.params, self.cfg)
+            return feature_drafter(), self._feature_dparams
         dm = self.draft_model(kind)
         return model_drafter(dm.cfg, share_prefix=(kind == "self"), name=kind), dm.dparams(self.params)
 
@@ -530,11 +564,11 @@ class SpeculativeGenerator:
         the static settings and dparams for the loop."""
         kind = _check_kind(speculative or self.speculative)
         k = _check_k(self.draft_k if draft_k is None else draft_k)
+        drafter, dparams = self.drafter(kind) if kind != "none" else (None, None)
         n, dec = self.gen.start(prompts, sampling, max_new_tokens, stop_ids, gate=gate, policy=policy,
-                                gate_state=gate_state)
+                                gate_state=gate_state, keep_hidden=drafter is not None and drafter.needs_hidden)
         if kind == "none":
             return n, dec, None
-        drafter, dparams = self.drafter(kind)
         B = dec.out.shape[0]
         T = bucket(max(len(p) for p in prompts), self.gen.min_prompt_bucket)
         prompt = np.zeros((B, T), np.int32)

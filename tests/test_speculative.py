@@ -19,11 +19,20 @@ from hypothesis import strategies as st
 
 from aqjax import speculative
 from aqjax.decode import score
-from aqjax.drafters import DraftModel, load_draft, random_draft, save_draft
+from aqjax.drafters import (
+    DraftModel,
+    load_draft,
+    load_feature_draft,
+    random_draft,
+    random_feature_draft,
+    save_draft,
+    save_feature_draft,
+)
 from aqjax.engine import Generator, RequestError
 from aqjax.sampling import SamplingConfig, SamplingParams, filter_logits
 from aqjax.speculative import SpeculativeGenerator, speculative_generator
 from gate.core import NO_RULE, NO_TOKEN, Decision, Gate, Outcome, Verdict
+from aqjax.cache import KVCache
 from models.config import tiny_config
 from models.params import init_params
 
@@ -40,7 +49,8 @@ def tiny():
     perfect = DraftModel(cfg=CFG, params={"layers": p["layers"], "final_norm": p["final_norm"], "head": p["lm_head"]},
                          vocab_ids=np.arange(CFG.vocab_size))
     rand = random_draft(CFG, p, jax.random.key(3), n_layers=1, head_vocab=128)
-    return gen, SpeculativeGenerator(gen, draft=rand, self_layers=1, head_vocab=None), \
+    feat = random_feature_draft(CFG, jax.random.key(4), head_vocab=160)
+    return gen, SpeculativeGenerator(gen, draft=rand, feature=feat, self_layers=1, head_vocab=None), \
         SpeculativeGenerator(gen, "draft", draft=perfect)
 
 
@@ -86,7 +96,7 @@ def test_greedy_equals_plain_decoding_for_any_drafter(tiny, gated):
         kinds = {e.kind for r in ref for e in r.events}
         assert kinds >= {"block", "force", "stop", "verdict"} and any(r.finish_reason == "gate" for r in ref)
     # the two code paths (deterministic lookup; a model drafter, bad or perfect): "self" is the model path too
-    runs = [(sg, "lookup", 4), (perfect, "draft", 4)] + ([] if gated else [(sg, "draft", 2)])
+    runs = [(sg, "lookup", 4), (perfect, "draft", 4), (sg, "feature", 3)] + ([] if gated else [(sg, "draft", 2)])
     for g, kind, k in runs:
         res, state, stats = g.generate(PROMPTS, max_new_tokens=MAX_NEW, speculative=kind, draft_k=k, **kw,
                                        return_state=True, return_stats=True)
@@ -122,6 +132,74 @@ def test_drafter_rollback_is_exact(tiny):
             k_row = int(np.clip(np.round(avg) + 1, 1, k))
         assert steps == n_steps
     assert 0.4 < stats.acceptance < 1.0
+
+
+def _exact_feature_setup():
+    """A target whose layers add nothing (zero output projections, unit final norm): its hidden state at a position
+    is rms(embedding of the token there), so a feature net computing z = f - rms(f) + rms(e) predicts the next
+    hidden state exactly and every draft is accepted."""
+    from aqjax.drafters import FeatureDraft, init_feature_net
+
+    p = init_params(CFG, jax.random.key(0))
+    p = p | {"final_norm": jnp.ones_like(p["final_norm"]),
+             "layers": p["layers"] | {"wo": jnp.zeros_like(p["layers"]["wo"]),
+                                      "w_down": jnp.zeros_like(p["layers"]["w_down"])}}
+    gen = Generator(CFG, p, stop_ids=[])
+    net = init_feature_net(jax.random.key(1), CFG.d_model, blocks=1, hidden=8)
+    eye = jnp.eye(CFG.d_model, dtype=jnp.float32)
+    net["w_in"] = jnp.concatenate([-eye, eye])
+    return gen, FeatureDraft(net=net, vocab_ids=np.arange(CFG.vocab_size), d_model=CFG.d_model)
+
+
+def test_feature_drafter_starts_each_window_from_the_targets_own_hidden_state(tiny):
+    """After every verification the feature drafter's state (and `DecodeState.last_h`) must be the target's final
+    hidden state at the position that produced the row's last token: checked at the end against a teacher-forced
+    forward over prompt + output, for a drafter that is always rejected (the state comes from verified position
+    0) and one that is always accepted (position k): an index off by one picks a neighbouring position."""
+    from models.llama import forward
+
+    gen_rand, sg_rand, _ = tiny
+    gen_exact, fd = _exact_feature_setup()
+    k = 3
+    for gen, sg, accepted in ((gen_rand, sg_rand, False),
+                              (gen_exact, SpeculativeGenerator(gen_exact, "feature", feature=fd), True)):
+        n, st, run = sg.start(PROMPTS, max_new_tokens=MAX_NEW, speculative="feature", draft_k=k)
+        dparams = run.pop("dparams")
+        st = speculative.jit_spec_until_done(gen.params, dparams, st, None, **run)
+        res = sg.results(st, n, [len(p) for p in PROMPTS])
+        assert [r.tokens for r in res] == [r.tokens for r in gen.generate(PROMPTS, max_new_tokens=MAX_NEW)]
+        stats = speculative._stats(st, n)
+        if accepted:  # full windows plus the bonus token
+            assert stats.acceptance == 1.0 and stats.tokens_per_step > k
+        else:
+            assert stats.acceptance == 0.0
+        # plain decoding carries the same hidden state when asked
+        _, dec = gen.start(PROMPTS, max_new_tokens=MAX_NEW, keep_hidden=True)
+        dec = speculative._decode.jit_decode_until_done(gen.params, dec, cfg=CFG)
+        for b, (p, r) in enumerate(zip(PROMPTS, res, strict=True)):
+            seq = jnp.asarray([p + r.tokens[:-1]], jnp.int32)
+            h, _ = forward(gen.params, seq, KVCache.init(CFG, 1, seq.shape[1], jnp.float32), cfg=CFG)
+            want = np.asarray(h[0, -1])
+            np.testing.assert_allclose(np.asarray(st.draft.feat[b]), want, atol=2e-4, rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(st.dec.last_h[b]), want, atol=2e-4, rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(dec.last_h[b]), want, atol=2e-4, rtol=1e-4)
+
+
+def test_feature_draft_checkpoint_round_trip_and_errors(tiny, tmp_path):
+    gen, sg, _ = tiny
+    fd = sg._feature
+    path = save_feature_draft(tmp_path / "feature", fd, target_cfg=CFG)
+    loaded = load_feature_draft(path, CFG)
+    assert np.array_equal(loaded.vocab_ids, fd.vocab_ids) and loaded.d_model == CFG.d_model
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded.net, fd.net)))
+    a = sg.generate(PROMPTS, max_new_tokens=MAX_NEW, speculative="feature", draft_k=2)
+    b = SpeculativeGenerator(gen, "feature", feature=str(path), draft_k=2).generate(PROMPTS, max_new_tokens=MAX_NEW)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    with pytest.raises(FileNotFoundError, match="train_feature_drafter.py"):
+        load_feature_draft(tmp_path / "missing")
+    other = tiny_config(max_seq_len=256, d_model=CFG.d_model * 2)
+    with pytest.raises(ValueError, match="width"):
+        load_feature_draft(path, other)
 
 
 def test_stop_ids_and_ragged_limits(tiny):
@@ -227,7 +305,7 @@ def _mod_gate(V: int):
 def small():
     gen = Generator(SMALL, init_params(SMALL, jax.random.key(11)), stop_ids=[])
     draft = random_draft(SMALL, gen.params, jax.random.key(12), n_layers=1)
-    return gen, SpeculativeGenerator(gen, draft=draft)
+    return gen, SpeculativeGenerator(gen, draft=draft, feature=random_feature_draft(SMALL, jax.random.key(13)))
 
 
 def _exact_joint(gen, prompt, sampling: SamplingConfig, offset: int, n: int = 3):
@@ -283,10 +361,11 @@ def _sample_first_tokens(sg, prompt, sampling, offset, kind, n=3):
     return counts
 
 
-# The lookup drafter proposes from the repeated prompt (one-hot q); the random draft model draws from its own
-# gated, filtered q'. Both must give exactly the distribution of plain gated sampling.
+# The lookup drafter proposes from the repeated prompt (one-hot q); the random draft model and the random feature
+# drafter draw from their own gated, filtered q'. Each must give exactly the distribution of plain gated sampling.
 STAT_CASES = [("lookup", [1, 2, 3, 1, 2, 3, 1, 2], SamplingConfig(temperature=1.0, top_p=0.9), 1),
-              ("draft", [4, 0, 6, 1], SamplingConfig(temperature=1.3, top_k=4), 2)]
+              ("draft", [4, 0, 6, 1], SamplingConfig(temperature=1.3, top_k=4), 2),
+              ("feature", [2, 5, 1], SamplingConfig(temperature=0.9, min_p=0.05), 0)]
 
 
 @pytest.mark.parametrize("kind,prompt,sampling,offset", STAT_CASES)
@@ -314,7 +393,7 @@ def test_the_statistical_test_rejects_ungated_p_in_the_acceptance_rule(small, mo
 @settings(max_examples=12, deadline=None)
 @given(prompt=st.lists(st.integers(0, SMALL.vocab_size - 1), min_size=2, max_size=12),
        seed=st.integers(0, 2**31 - 1), offset=st.integers(0, 2), temperature=st.floats(0.0, 5.0),
-       kind=st.sampled_from(["lookup", "draft"]))
+       kind=st.sampled_from(["lookup", "draft", "feature"]))
 def test_no_emitted_token_is_ever_inadmissible(small, prompt, seed, offset, temperature, kind):
     _, sg = small
     # a mixed batch: greedy, low and high temperature rows

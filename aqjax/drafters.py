@@ -10,16 +10,17 @@ per-row state (a pytree with leading axis B):
       target's final hidden state at the last prompt position (the one that produced `last`).
   propose(dparams, state, last[B], choose, carry, n_draft[B], *, k) -> (Proposal, carry, state)
       k draft tokens per row that continue the sequence after `last`. Model drafters draw each token through
-      `choose(carry, j, logits[B, Vq], ids) -> (carry, token[B], col[B], q_logp[B, Vq], ok[B])`, supplied by the
-      speculative loop: it applies the gate's mask at draft position j and the row's sampling filters, so the
-      draft distribution q' is gated like the target's. Positions j >= n_draft[b] are not needed (a drafter may
+      `choose(carry, j, logits[B, Vq], ids, force=None) -> (carry, token[B], col[B], q_logp[B, Vq], ok[B])`,
+      supplied by the speculative loop: it applies the gate's mask at draft position j and the row's sampling
+      filters, so the draft distribution q' is gated like the target's. `force = (use[B], col[B])` makes rows in
+      `use` draft column `col` deterministically (q' one-hot there; not ok where the gate masks it). Positions j >= n_draft[b] are not needed (a drafter may
       skip the work when no row needs them).
   commit(dparams, state, tokens[B, k + 1], n[B], hidden[B, k + 1, D]) -> state
       the first n[b] of `tokens` followed the old `last` into the output (the last of them is the new `last`);
       everything else the drafter assumed is rolled back. `hidden` are the target's final hidden states at the
       k + 1 verified positions (hidden[b, j] produced tokens[b, j]).
 
-Four drafters:
+Five drafters:
   * `lookup_drafter`: prompt-lookup decoding. The state is the row's token history (prompt + output) in a
     buffer; the proposal is the continuation of the most recent earlier occurrence of the longest suffix
     n-gram (n <= max_ngram). Deterministic: q is one-hot, no model runs.
@@ -36,6 +37,9 @@ Four drafters:
     draft logits; the prediction and the drafted token feed the next draft position. Its only state is f, which
     every verification replaces with the target's true hidden state, so nothing needs rolling back and it has no
     KV cache. Trained by `scripts/train_feature_drafter.py` on the target's own text.
+  * `hybrid_drafter`: prompt lookup where the row's suffix matches earlier text (its continuation, drafted
+    deterministically), the feature head after it and wherever nothing matches; the feature head's chain runs
+    through the looked-up tokens, so a copied span and what follows it form one window.
 
 Why a KV cache for the model drafters rather than recomputing a window: on CPU a draft step at batch 1 is
 bound by reading its weights; a cached step reads them once for one token, whereas recomputing a window of W
@@ -421,6 +425,42 @@ def feature_drafter() -> Drafter:
     return FEATURE_DRAFTER
 
 
+@struct.dataclass
+class HybridState:
+    lookup: LookupState
+    feature: FeatureState
+
+
+def _hybrid_init(dparams, prompt, lengths, last, target_cache, last_h=None) -> HybridState:
+    return HybridState(lookup=_lookup_init(dparams, prompt, lengths, last, target_cache),
+                       feature=_feature_init(dparams, prompt, lengths, last, target_cache, last_h))
+
+
+def _hybrid_propose(dparams, state: HybridState, last, choose, carry, n_draft, *, k: int, max_ngram: int):
+    look, _, _ = _lookup_propose((), state.lookup, last, None, None, n_draft, k=k, max_ngram=max_ngram)
+    # the looked-up tokens as columns of the feature head (-1: not in its vocabulary, which ends the window)
+    fcol = jnp.where(look.valid, dparams["col_of"][look.tokens], -1)
+
+    def forced_choose(carry, j, logits, ids):
+        return choose(carry, j, logits, ids, force=(look.valid[:, j], fcol[:, j]))
+
+    prop, carry, feature = _feature_propose(dparams, state.feature, last, forced_choose, carry, n_draft, k=k)
+    return prop, carry, state.replace(feature=feature)
+
+
+def _hybrid_commit(dparams, state: HybridState, tokens, n, hidden=None) -> HybridState:
+    return HybridState(lookup=_lookup_commit(dparams, state.lookup, tokens, n),
+                       feature=_feature_commit(dparams, state.feature, tokens, n, hidden))
+
+
+@functools.cache
+def hybrid_drafter(max_ngram: int = 3) -> Drafter:
+    """Lookup where it matches, the feature head elsewhere (module docstring); dparams from
+    `FeatureDraft.dparams`."""
+    return Drafter(init=_hybrid_init, propose=functools.partial(_hybrid_propose, max_ngram=max_ngram),
+                   commit=_hybrid_commit, name="hybrid", deterministic=False, needs_hidden=True)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FeatureDraft:
     """A trained feature draft head (`scripts/train_feature_drafter.py`).
@@ -447,7 +487,9 @@ class FeatureDraft:
             head = jnp.asarray(target_params["embed"])[ids].T
         else:
             head = jnp.asarray(target_params["lm_head"])[:, ids]
-        return {"net": self.net, "head": head.astype(jnp.float32), "vocab_ids": ids, "embed": target_params["embed"]}
+        col_of = jnp.full((cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(len(self.vocab_ids)))
+        return {"net": self.net, "head": head.astype(jnp.float32), "vocab_ids": ids, "col_of": col_of,
+                "embed": target_params["embed"]}
 
 
 def init_feature_net(key: jax.Array, d_model: int, *, blocks: int = 2, hidden: int = 1536,

@@ -9,7 +9,10 @@ Examples:
 
 Speculative decoding (`--speculative`): "lookup" drafts from n-gram matches in the prompt and the answer so far
 (best when the answer copies its input), "self" from the target's first layers, "draft" from a small draft model
-trained by `scripts/train_draft.py` (`--draft DIR`, default the cache folder that script writes). Output follows
+trained by `scripts/train_draft.py` (`--draft DIR`, default the cache folder that script writes), "feature" from
+a draft head on the target's own hidden states trained by `scripts/train_feature_drafter.py` (`--draft DIR`,
+default the cache folder that script writes), "hybrid" from lookup where it matches and that head elsewhere.
+Output follows
 the same (gated) distribution as without it; greedy output is token for token the same.
 """
 
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", default="none", choices=SPECULATIVE_KINDS,
                    help="speculative decoding drafter (default: none)")
     p.add_argument("--draft-k", type=int, default=4, help=f"draft tokens per speculative step (1..{MAX_DRAFT_K})")
-    p.add_argument("--draft", default=None, help="draft model folder for --speculative draft")
+    p.add_argument("--draft", default=None, help="draft folder for --speculative draft, feature or hybrid")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled programs here for the next run (default: $AQJAX_CACHE/xla)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, keep nothing")
@@ -67,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.audit or args.audit_log) and not args.policy:
         print("error: --audit and --audit-log need --policy", file=sys.stderr)
         return 2
-    if args.draft and args.speculative != "draft":
-        print("error: --draft needs --speculative draft", file=sys.stderr)
+    if args.draft and args.speculative not in ("draft", "feature", "hybrid"):
+        print("error: --draft needs --speculative draft, feature or hybrid", file=sys.stderr)
         return 2
 
     if args.compile_cache and args.no_compile_cache:
@@ -100,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     gen = Generator(model.cfg, model.params, stop_ids=tok.stop_ids, chunk_size=args.chunk)
     try:
         gen = speculative_generator(gen, args.speculative, args.draft_k,
-                                    **({"draft": args.draft} if args.draft else {}))
+                                    **({"draft" if args.speculative == "draft" else "feature": args.draft}
+                                       if args.draft else {}))
+        # a missing or mismatched draft fails here, before any output
         if args.speculative in ("self", "draft"):
-            gen.draft_model(args.speculative)  # a missing or mismatched draft fails here, before any output
+            gen.draft_model(args.speculative)
+        elif args.speculative in ("feature", "hybrid"):
+            gen.feature_draft()
     except (RequestError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

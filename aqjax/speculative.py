@@ -64,6 +64,7 @@ from aqjax.drafters import (
     DraftModel,
     FeatureDraft,
     feature_drafter,
+    hybrid_drafter,
     load_draft,
     load_feature_draft,
     lookup_drafter,
@@ -77,7 +78,7 @@ from models.config import LlamaConfig
 from models.llama import forward, logits_from_hidden
 from models.params import Params, per_layer, stack_layers, unstack_layers
 
-SPECULATIVE_KINDS = ("none", "lookup", "self", "draft", "feature")
+SPECULATIVE_KINDS = ("none", "lookup", "self", "draft", "feature", "hybrid")
 MAX_DRAFT_K = 15
 
 # key streams within a row's step key
@@ -120,7 +121,7 @@ def _make_choose(gate: Gate | None, policy, sp: SamplingParams, keys: jax.Array,
     """The gated draft draw handed to model drafters (see `aqjax.drafters`): carry = the gate state."""
     sampled_any = jnp.any(sp.temperature > 0)
 
-    def choose(gs, j, logits, ids):
+    def choose(gs, j, logits, ids, force=None):
         B = logits.shape[0]
         ok = jnp.ones((B,), bool)
         if gate is not None:
@@ -144,6 +145,14 @@ def _make_choose(gate: Gate | None, policy, sp: SamplingParams, keys: jax.Array,
             return greedy, jnp.zeros(lg.shape, jnp.float32)
 
         col, q_logp = lax.cond(sampled_any, draw, no_draw, logits) if sampled else no_draw(logits)
+        if force is not None:  # a token the drafter chose itself: q' is one-hot there (a deterministic draft)
+            use, fcol = force
+            use = use & (fcol >= 0)
+            fcol = jnp.maximum(fcol, 0)
+            ok = jnp.where(use, jnp.take_along_axis(logits, fcol[:, None], axis=1)[:, 0] > -jnp.inf, ok)
+            col = jnp.where(use, fcol, col)
+            onehot = jnp.where(jnp.arange(logits.shape[1])[None, :] == fcol[:, None], 0.0, -jnp.inf)
+            q_logp = jnp.where(use[:, None], onehot, q_logp)
         tok = col if ids is None else ids[col]
         if gate is not None:
             gs = gate.advance(policy, _observed(gs, d), tok, jnp.ones((B,), bool), tok)
@@ -481,11 +490,12 @@ class SpeculativeGenerator:
 
     Args:
       gen: the target's Generator (its packed params, stop ids and buckets are reused).
-      speculative: default drafter: "lookup", "self", "draft" or "feature" ("none" is allowed: plain decoding).
+      speculative: default drafter: "lookup", "self", "draft", "feature" or "hybrid" (lookup, then the feature
+        head) ("none" is allowed: plain decoding).
       draft_k: default number of draft tokens per step (1..15).
       draft: for "draft": a DraftModel, or a path to one saved by scripts/train_draft.py (default: the
         standard location, `aqjax.drafters.default_draft_dir`).
-      feature: for "feature": a FeatureDraft, or a path to one saved by scripts/train_feature_drafter.py
+      feature: for "feature" and "hybrid": a FeatureDraft, or a path to one saved by scripts/train_feature_drafter.py
         (default: `aqjax.drafters.default_feature_dir`).
       self_layers: layers of the early-exit drafter ("self").
       head_vocab: token ids [0, head_vocab) the "self" drafter's head predicts (None: all).
@@ -551,10 +561,11 @@ class SpeculativeGenerator:
         """(Drafter, dparams) for a kind."""
         if kind == "lookup":
             return lookup_drafter(self.max_ngram, self.min_ngram), ()
-        if kind == "feature":
+        if kind in ("feature", "hybrid"):
             if self._feature_dparams is None:  # the restricted head is a copy: made once
                 self._feature_dparams = self.feature_draft().dparams(self.params, self.cfg)
-            return feature_drafter(), self._feature_dparams
+            drafter = feature_drafter() if kind == "feature" else hybrid_drafter(self.max_ngram)
+            return drafter, self._feature_dparams
         dm = self.draft_model(kind)
         return model_drafter(dm.cfg, share_prefix=(kind == "self"), name=kind), dm.dparams(self.params)
 

@@ -1,6 +1,6 @@
 """Speculative decoding on the default model: tokens/s against plain decoding, per drafter, side by side.
 
-Usage:  python bench/speculative.py [--new 128] [--reps 2] [--batches 1,8] [--drafters lookup,self,draft]
+Usage:  python bench/speculative.py [--new 128] [--reps 2] [--batches 1,8] [--drafters lookup,self,draft,feature]
                                     [--workloads grounded,chat] [--k 4] [--policy policies/default.yaml]
                                     [--json out.json]
 
@@ -16,8 +16,9 @@ is the same for all). tok/s = tokens generated after the first / loop time. "tok
 forward (the mean accepted length plus the bonus token), "accept" = accepted / proposed draft tokens.
 "same" checks that every row's greedy output is identical to plain decoding's (the run fails otherwise).
 
-The draft model comes from `scripts/train_draft.py` (default location); without it the "draft" rows are
-skipped with a note. Timings depend on the machine's load: on a shared machine, compare within one run.
+The draft model comes from `scripts/train_draft.py`, the feature draft head from
+`scripts/train_feature_drafter.py` (default locations, or --draft / --feature); without them the "draft" /
+"feature" rows are skipped with a note. Timings depend on the machine's load: on a shared machine, compare within one run.
 """
 
 from __future__ import annotations
@@ -131,16 +132,18 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--workloads", default="grounded,chat")
-    ap.add_argument("--drafters", default="lookup,self,draft")
+    ap.add_argument("--drafters", default="lookup,self,draft,feature")
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
     ap.add_argument("--self-layers", type=int, default=8)
     ap.add_argument("--draft", default=None, help="draft model dir (default: scripts/train_draft.py's location)")
+    ap.add_argument("--feature", default=None,
+                    help="feature draft dir (default: scripts/train_feature_drafter.py's location)")
     ap.add_argument("--policy", default=os.path.join(os.path.dirname(_HERE), "policies", "default.yaml"))
     ap.add_argument("--no-policy-runs", action="store_true", help="only the ungoverned runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from aqjax.drafters import default_draft_dir, load_draft
+    from aqjax.drafters import default_draft_dir, default_feature_dir, load_draft, load_feature_draft
     from gate.policy import compile_policy, load_policy
     from models.loader import load_model
 
@@ -161,7 +164,20 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             notes.append(f"draft rows skipped: {e}")
             drafters.remove("draft")
-    sg = spec.SpeculativeGenerator(gen, draft=draft, self_layers=args.self_layers)
+    feature = None
+    if "feature" in drafters:
+        path = args.feature or default_feature_dir(m.cfg)
+        try:
+            feature = load_feature_draft(path, m.cfg)
+            meta = feature.meta
+            notes.append(f"feature draft: {path} ({len(feature.net['blocks'])} blocks, head vocabulary "
+                         f"{len(feature.vocab_ids)}, {meta.get('corpus_answer_tokens', '?')} training tokens, "
+                         f"trained in {meta.get('time_train_s', '?')} s, held-out acceptance "
+                         f"{meta.get('eval_acceptance', '?')})")
+        except (FileNotFoundError, ValueError) as e:
+            notes.append(f"feature rows skipped: {e}")
+            drafters.remove("feature")
+    sg = spec.SpeculativeGenerator(gen, draft=draft, feature=feature, self_layers=args.self_layers)
     policies = [("none", None, None)]
     if not args.no_policy_runs:
         compiled = compile_policy(load_policy(args.policy), tok, vocab_size=m.cfg.vocab_size)

@@ -77,6 +77,29 @@ TASKS = [
     "Why is {} important?", "Write a short story that involves {}.", "Give me some tips related to {}.",
     "How does {} work?", "What are common misconceptions about {}?",
 ]
+TOPICS_2 = (
+    "the Nile|tigers|sharks|whales|octopuses|ants|spiders|mushrooms|tomatoes|potatoes|apples|pizza|sushi|soup|"
+    "knitting|woodworking|watercolor painting|sculpture|film making|cartoons|comic books|the Vikings|the Aztecs|"
+    "the Maya|ancient Greece|the Ottoman Empire|the Cold War|World War I|the telephone|the telegraph|radio|"
+    "television|electricity|nuclear power|hydropower|geothermal energy|plastic pollution|air pollution|"
+    "water purification|deforestation|endangered species|national parks|fishing|farming|irrigation|soil|"
+    "rocks and minerals|diamonds|gold|banks|the economy|supply and demand|entrepreneurship|marketing|"
+    "customer service|teamwork|leadership|negotiation|email etiquette|note taking|studying for exams|"
+    "reading books|grammar|punctuation|fractions|geometry|algebra|statistics|probability|computers|"
+    "operating systems|databases|cybersecurity|passwords|cloud computing|programming|open source software|"
+    "search engines|keyboards|the human skeleton|muscles|the lungs|the kidneys|the eyes|hearing|dreams|memory|"
+    "emotions|happiness|exercise|walking|dancing|music theory|the guitar|drums|orchestras|theater|the circus|"
+    "magic tricks|board games|puzzles|card games|toys|birthdays|weddings|holidays|New Year celebrations|"
+    "gift giving|cooking pasta|baking cookies|breakfast|vegetarian diets|vitamins|drinking water|salt|spices|"
+    "bridges|skyscrapers|tunnels|roads|maps|compasses|clocks|calendars|the seasons|autumn leaves|spring flowers|"
+    "summer heat|winter storms|rain|fog|tornadoes|tsunamis|caves|islands|beaches|coral atolls|the deep sea"
+).split("|")
+TASKS_2 = [
+    "Can you explain {}?", "Write a poem about {}.", "List some interesting facts about {}.",
+    "What would happen without {}?", "Summarize what you know about {}.", "Write a short dialogue about {}.",
+    "What are the main ideas behind {}?", "Give a step-by-step explanation of {}.", "What are the benefits of {}?",
+    "Write an introduction for a presentation about {}.", "What questions do people often ask about {}?",
+]
 CODE = [f"Write a Python function that {x}." for x in (
     "reverses a string", "computes Fibonacci numbers", "counts the words in a text", "checks if a number is prime",
     "finds the maximum of a list", "reads a CSV file", "removes duplicates from a list",
@@ -93,9 +116,12 @@ HELD_OUT = [
 
 
 def prompts() -> list[str]:
-    out = [t.format(x) for x in TOPICS for t in TASKS] + CODE
-    np.random.default_rng(0).shuffle(out)
-    return out
+    """The corpus prompts: two shuffled sets (the first, topics x tasks + code, then a second one)."""
+    first = [t.format(x) for x in TOPICS for t in TASKS] + CODE
+    np.random.default_rng(0).shuffle(first)
+    second = [t.format(x) for x in TOPICS_2 for t in TASKS_2]
+    np.random.default_rng(1).shuffle(second)
+    return first + second
 
 
 def chat(tok, text: str) -> list[int]:

@@ -18,7 +18,7 @@ def _run(capsys, *argv):
 @pytest.mark.parametrize("argv,message", [
     (["--draft-k", "0", "hi"], "--draft-k must be in [1, "),
     (["--draft-k", "99", "hi"], "--draft-k must be in [1, "),
-    (["--draft", "/nowhere", "hi"], "--draft needs --speculative draft"),
+    (["--draft", "/nowhere", "hi"], "--draft needs --speculative draft, feature or hybrid"),
     (["--max-tokens", "-1", "hi"], "--max-tokens must be >= 0"),
     (["--temperature", "-1", "hi"], "temperature"),
     (["--audit", "hi"], "--audit and --audit-log need --policy"),
@@ -48,6 +48,13 @@ def test_missing_draft_model_fails_before_any_output(capsys, smollm2_gguf, tmp_p
                         str(tmp_path / "nodraft"), "hi")
     assert rc == 1 and out == ""
     assert "nodraft" in err and "train_draft.py" in err
+
+
+def test_missing_feature_draft_fails_before_any_output(capsys, smollm2_gguf, tmp_path):
+    rc, out, err = _run(capsys, "--model", str(smollm2_gguf), "--speculative", "hybrid", "--draft",
+                        str(tmp_path / "nofeature"), "hi")
+    assert rc == 1 and out == ""
+    assert "nofeature" in err and "train_feature_drafter.py" in err
 
 
 def test_speculative_lookup_streams_the_same_greedy_text(capsys, smollm2_gguf):

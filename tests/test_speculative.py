@@ -96,7 +96,8 @@ def test_greedy_equals_plain_decoding_for_any_drafter(tiny, gated):
         kinds = {e.kind for r in ref for e in r.events}
         assert kinds >= {"block", "force", "stop", "verdict"} and any(r.finish_reason == "gate" for r in ref)
     # the two code paths (deterministic lookup; a model drafter, bad or perfect): "self" is the model path too
-    runs = [(sg, "lookup", 4), (perfect, "draft", 4), (sg, "feature", 3)] + ([] if gated else [(sg, "draft", 2)])
+    runs = [(sg, "lookup", 4), (perfect, "draft", 4), (sg, "feature", 3), (sg, "hybrid", 4)] + \
+        ([] if gated else [(sg, "draft", 2)])
     for g, kind, k in runs:
         res, state, stats = g.generate(PROMPTS, max_new_tokens=MAX_NEW, speculative=kind, draft_k=k, **kw,
                                        return_state=True, return_stats=True)
@@ -365,7 +366,8 @@ def _sample_first_tokens(sg, prompt, sampling, offset, kind, n=3):
 # drafter draw from their own gated, filtered q'. Each must give exactly the distribution of plain gated sampling.
 STAT_CASES = [("lookup", [1, 2, 3, 1, 2, 3, 1, 2], SamplingConfig(temperature=1.0, top_p=0.9), 1),
               ("draft", [4, 0, 6, 1], SamplingConfig(temperature=1.3, top_k=4), 2),
-              ("feature", [2, 5, 1], SamplingConfig(temperature=0.9, min_p=0.05), 0)]
+              ("feature", [2, 5, 1], SamplingConfig(temperature=0.9, min_p=0.05), 0),
+              ("hybrid", [3, 1, 4, 3, 1, 4, 3], SamplingConfig(temperature=1.1, top_p=0.95), 1)]
 
 
 @pytest.mark.parametrize("kind,prompt,sampling,offset", STAT_CASES)
@@ -393,7 +395,7 @@ def test_the_statistical_test_rejects_ungated_p_in_the_acceptance_rule(small, mo
 @settings(max_examples=12, deadline=None)
 @given(prompt=st.lists(st.integers(0, SMALL.vocab_size - 1), min_size=2, max_size=12),
        seed=st.integers(0, 2**31 - 1), offset=st.integers(0, 2), temperature=st.floats(0.0, 5.0),
-       kind=st.sampled_from(["lookup", "draft", "feature"]))
+       kind=st.sampled_from(["lookup", "draft", "feature", "hybrid"]))
 def test_no_emitted_token_is_ever_inadmissible(small, prompt, seed, offset, temperature, kind):
     _, sg = small
     # a mixed batch: greedy, low and high temperature rows
@@ -512,3 +514,48 @@ def test_lookup_state_rebuilt_from_prompt_and_output_equals_the_carried_one():
         L = int(st.length[b])
         np.testing.assert_array_equal(np.asarray(rebuilt.buf)[b, :L], np.asarray(st.buf)[b, :L])
         assert np.all(np.asarray(rebuilt.buf)[b, L:] == -1)
+
+
+def test_hybrid_drafts_the_lookup_continuation_then_the_feature_head():
+    """Row 0 repeats earlier text (lookup matches, 2 tokens of continuation known), row 1 matches nothing: row 0's
+    draft is the looked-up tokens with a one-hot q', then the feature head's draws; row 1's is exactly the feature
+    drafter's own proposal (same draws)."""
+    from aqjax.drafters import (
+        _feature_propose,
+        _hybrid_propose,
+        feature_drafter,
+        hybrid_drafter,
+        lookup_drafter,
+    )
+
+    k, B, S = 4, 2, 32
+    gen = Generator(CFG, init_params(CFG, jax.random.key(0)), stop_ids=[])
+    dparams = random_feature_draft(CFG, jax.random.key(4), head_vocab=200).dparams(gen.params, CFG)
+    prompt = np.zeros((B, 8), np.int32)
+    prompt[0] = [5, 6, 7, 8, 6, 7, 0, 0]  # 5 6 7 8 6 7 | last = 8: "6 7 8" recurs, continued by 6 7 8, then unknown
+    prompt[1] = [20, 21, 22, 23, 24, 25, 26, 27]
+    lengths = jnp.asarray([6, 8], jnp.int32)
+    last = jnp.asarray([8, 30], jnp.int32)
+
+    class Cache:
+        max_len = S
+
+    last_h = jax.random.normal(jax.random.key(1), (B, CFG.d_model), jnp.float32)
+    st = hybrid_drafter().init(dparams, jnp.asarray(prompt), lengths, last, Cache(), last_h)
+    look, _, _ = lookup_drafter().propose((), st.lookup, last, None, None, jnp.full((B,), k), k=k)
+    assert list(np.asarray(look.valid[0])) == [True, True, True, False] and not np.asarray(look.valid[1]).any()
+    assert list(np.asarray(look.tokens[0, :3])) == [6, 7, 8]
+    sp = SamplingParams.from_configs([SamplingConfig(temperature=1.0, seed=s) for s in (1, 2)])
+    keys = speculative._step_keys(sp, jnp.zeros((B,), jnp.int32))
+    choose = speculative._make_choose(None, None, sp, keys, CFG.vocab_size, True)
+    n_draft = jnp.full((B,), k, jnp.int32)
+    prop, _, _ = _hybrid_propose(dparams, st, last, choose, None, n_draft, k=k, max_ngram=3)
+    ref, _, _ = _feature_propose(dparams, st.feature, last, choose, None, n_draft, k=k)
+    toks, q = np.asarray(prop.tokens), np.exp(np.asarray(prop.q_logp))
+    np.testing.assert_array_equal(toks[0, :3], np.asarray(look.tokens[0, :3]))
+    for j in range(3):  # one-hot q' at the looked-up token
+        assert q[0, j, int(prop.q_col[0, j])] == 1.0 and q[0, j].sum() == 1.0
+    assert prop.valid[0].all() and 0.99 < q[0, 3].sum() < 1.01 and q[0, 3].max() < 1.0  # then a feature draw
+    np.testing.assert_array_equal(toks[1], np.asarray(ref.tokens[1]))
+    np.testing.assert_allclose(np.asarray(prop.q_logp[1]), np.asarray(ref.q_logp[1]))
+    assert feature_drafter().needs_hidden and hybrid_drafter().needs_hidden

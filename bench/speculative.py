@@ -1,13 +1,15 @@
 """Speculative decoding on the default model: tokens/s against plain decoding, per drafter, side by side.
 
-Usage:  python bench/speculative.py [--new 128] [--reps 2] [--batches 1,8] [--drafters lookup,self,draft,feature]
-                                    [--workloads grounded,chat] [--k 4] [--policy policies/default.yaml]
+Usage:  python bench/speculative.py [--new 128] [--reps 2] [--batches 1,8] [--b1-prompts 4] [--workloads grounded,chat]
+                                    [--drafters lookup,self,draft,feature,hybrid] [--k 4]
+                                    [--policy policies/default.yaml]
                                     [--json out.json]
 
 Workloads (greedy, the tokenizer's stop ids, at most --new tokens per row):
   grounded  extract / summarize from a long given text (bench/decode.py's LONG_TEXT, ~560 prompt tokens);
             rows of a batch ask different questions about it;
   chat      open-ended chat questions, one per row.
+At batch 1 the first --b1-prompts questions run one after another (times and statistics summed).
 Each runs without a policy and under --policy (default: policies/default.yaml, phrase rules: every token is
 gated). For every configuration: plain decoding (`Generator`), then every drafter (`SpeculativeGenerator`),
 each compiled once (warm-up), then --reps timed runs interleaved across the methods (median; interleaving
@@ -80,34 +82,51 @@ TARGETS = {"grounded": 2.0, "chat": 1.4}  # issue 5, batch 1
 LLAMA_CPP_B1 = 102.0  # ungoverned batch-1 decode on this machine (bench/decode.py PEERS)
 
 
-def _prompts(tok, workload: str, batch: int) -> list[list[int]]:
+def _batches(tok, workload: str, batch: int, b1_prompts: int) -> list[list[list[int]]]:
+    """The batches one configuration runs: one batch of `batch` different questions, or at batch 1 the first
+    `b1_prompts` questions one after another (a single answer is a noisy sample of a drafter's acceptance)."""
     qs = [f"{q}\n\n{LONG_TEXT}" for q in GROUNDED] if workload == "grounded" else CHAT
-    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": qs[i % len(qs)]}]))
-            for i in range(batch)]
+    enc = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in qs]
+    if batch == 1:
+        return [[enc[i % len(enc)]] for i in range(b1_prompts)]
+    return [[enc[i % len(enc)] for i in range(batch)]]
 
 
-def _plain_runner(gen, prompts, new, gate, policy):
+def _plain_runner(gen, batches, new, gate, policy):
+    """Plain decoding of each batch in turn; (loop seconds summed, results concatenated, None)."""
     def run():
-        n, state = gen.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy)
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        state = decode.jit_decode_until_done(gen.params, state, policy, cfg=gen.cfg, gate=gate)
-        jax.block_until_ready(state)
-        return time.perf_counter() - t0, gen.results(state, n, [len(p) for p in prompts]), None
+        total, results = 0.0, []
+        for prompts in batches:
+            n, state = gen.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy)
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            state = decode.jit_decode_until_done(gen.params, state, policy, cfg=gen.cfg, gate=gate)
+            jax.block_until_ready(state)
+            total += time.perf_counter() - t0
+            results += gen.results(state, n, [len(p) for p in prompts])
+        return total, results, None
 
     return run
 
 
-def _spec_runner(sg, kind, prompts, new, gate, policy, k):
+def _spec_runner(sg, kind, batches, new, gate, policy, k):
+    """Speculative decoding of each batch in turn; (loop seconds summed, results, SpecStats over all rows)."""
     def run():
-        n, st, r = sg.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy, speculative=kind,
-                            draft_k=k)
-        jax.block_until_ready(st)
-        dparams = r.pop("dparams")
-        t0 = time.perf_counter()
-        st = spec.jit_spec_until_done(sg.params, dparams, st, policy, **r)
-        jax.block_until_ready(st)
-        return time.perf_counter() - t0, sg.results(st, n, [len(p) for p in prompts]), spec._stats(st, n)
+        total, results, stats = 0.0, [], []
+        for prompts in batches:
+            n, st, r = sg.start(prompts, SamplingConfig(), max_new_tokens=new, gate=gate, policy=policy,
+                                speculative=kind, draft_k=k)
+            jax.block_until_ready(st)
+            dparams = r.pop("dparams")
+            t0 = time.perf_counter()
+            st = spec.jit_spec_until_done(sg.params, dparams, st, policy, **r)
+            jax.block_until_ready(st)
+            total += time.perf_counter() - t0
+            results += sg.results(st, n, [len(p) for p in prompts])
+            stats.append(spec._stats(st, n))
+        merged = spec.SpecStats(*(sum((getattr(x, f) for x in stats), ()) for f in
+                                  ("tokens", "steps", "drafted", "accepted")))
+        return total, results, merged
 
     return run
 
@@ -132,8 +151,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--workloads", default="grounded,chat")
-    ap.add_argument("--drafters", default="lookup,self,draft,feature")
+    ap.add_argument("--drafters", default="lookup,self,draft,feature,hybrid")
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    ap.add_argument("--b1-prompts", type=int, default=4, help="questions run one after another at batch 1")
     ap.add_argument("--self-layers", type=int, default=8)
     ap.add_argument("--draft", default=None, help="draft model dir (default: scripts/train_draft.py's location)")
     ap.add_argument("--feature", default=None,
@@ -165,7 +185,7 @@ def main(argv=None):
             notes.append(f"draft rows skipped: {e}")
             drafters.remove("draft")
     feature = None
-    if "feature" in drafters:
+    if "feature" in drafters or "hybrid" in drafters:
         path = args.feature or default_feature_dir(m.cfg)
         try:
             feature = load_feature_draft(path, m.cfg)
@@ -175,8 +195,8 @@ def main(argv=None):
                          f"trained in {meta.get('time_train_s', '?')} s, held-out acceptance "
                          f"{meta.get('eval_acceptance', '?')})")
         except (FileNotFoundError, ValueError) as e:
-            notes.append(f"feature rows skipped: {e}")
-            drafters.remove("feature")
+            notes.append(f"feature / hybrid rows skipped: {e}")
+            drafters = [d for d in drafters if d not in ("feature", "hybrid")]
     sg = spec.SpeculativeGenerator(gen, draft=draft, feature=feature, self_layers=args.self_layers)
     policies = [("none", None, None)]
     if not args.no_policy_runs:
@@ -186,11 +206,11 @@ def main(argv=None):
     rows, mismatches = [], []
     for workload in args.workloads.split(","):
         for b in [int(x) for x in args.batches.split(",")]:
-            prompts = _prompts(tok, workload, b)
+            batches = _batches(tok, workload, b, args.b1_prompts)
             for pname, gate, policy in policies:
-                runners = {"plain": _plain_runner(gen, prompts, args.new, gate, policy)}
+                runners = {"plain": _plain_runner(gen, batches, args.new, gate, policy)}
                 for kind in drafters:
-                    runners[kind] = _spec_runner(sg, kind, prompts, args.new, gate, policy, args.k)
+                    runners[kind] = _spec_runner(sg, kind, batches, args.new, gate, policy, args.k)
                 measured = _measure(runners, args.reps)
                 t_plain, ref, _ = measured["plain"]
                 n_tok = sum(max(len(r.tokens) - 1, 0) for r in ref)
@@ -206,7 +226,8 @@ def main(argv=None):
                           file=sys.stderr, flush=True)
 
     print(f"\naqjax speculative decoding: {m.cfg.name}, float32, jax {jax.__version__}, "
-          f"{jax.devices()[0].platform}, greedy, <= {args.new} new tokens/row, k = {args.k}, median of {args.reps}\n")
+          f"{jax.devices()[0].platform}, greedy, <= {args.new} new tokens/row, k = {args.k}, median of {args.reps}; "
+          f"batch 1 = {args.b1_prompts} questions in turn\n")
     head = (f"{'workload':<10}{'B':>3} {'policy':<13}{'method':<8}{'tok/s':>8}{'x plain':>9}{'tok/step':>10}"
             f"{'accept':>8}{'tokens':>8}  same")
     print(head)

@@ -437,7 +437,8 @@ def real(smollm2):
     tok = smollm2.tokenizer
     gen = Generator(smollm2.cfg, smollm2.params, stop_ids=tok.stop_ids)
     draft = random_draft(smollm2.cfg, gen.params, jax.random.key(0), n_layers=1, head_vocab=4096)
-    sg = SpeculativeGenerator(gen, draft=draft, self_layers=4)
+    feature = random_feature_draft(smollm2.cfg, jax.random.key(1), head_vocab=4096)
+    sg = SpeculativeGenerator(gen, draft=draft, feature=feature, self_layers=4)
     compiled = compile_policy(parse_policy(POLICY), tok)
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in (JSON_ASK, GROUNDED)]
     return tok, gen, sg, compiled, prompts
@@ -453,10 +454,10 @@ def test_real_model_greedy_equality_for_every_drafter(real, governed):
     # the premises: ungoverned, the answer names Paris; governed, the gate blocked it and the JSON parses
     assert ref[0].finish_reason == "stop" and set(json.loads(text)) == {"city", "country"}
     assert ("Paris" in text) != governed and (not governed or ref[0].events)
-    for kind in ("lookup", "self", "draft"):
+    for kind in ("lookup", "self", "draft", "feature", "hybrid"):
         res, stats = sg.generate(prompts, max_new_tokens=32, speculative=kind, return_stats=True, **kw)
         _assert_same(res, ref)
-        if kind == "lookup" and not governed:
+        if kind in ("lookup", "hybrid") and not governed:
             assert stats.tokens_per_step > 1.5  # the grounded answer copies from its prompt
 
 

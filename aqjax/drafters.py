@@ -13,8 +13,8 @@ per-row state (a pytree with leading axis B):
       `choose(carry, j, logits[B, Vq], ids, force=None) -> (carry, token[B], col[B], q_logp[B, Vq], ok[B])`,
       supplied by the speculative loop: it applies the gate's mask at draft position j and the row's sampling
       filters, so the draft distribution q' is gated like the target's. `force = (use[B], col[B])` makes rows in
-      `use` draft column `col` deterministically (q' one-hot there; not ok where the gate masks it). Positions j >= n_draft[b] are not needed (a drafter may
-      skip the work when no row needs them).
+      `use` draft column `col` deterministically (q' one-hot there; not ok where the gate masks it). Positions
+      j >= n_draft[b] are not needed (a drafter may skip the work when no row needs them).
   commit(dparams, state, tokens[B, k + 1], n[B], hidden[B, k + 1, D]) -> state
       the first n[b] of `tokens` followed the old `last` into the output (the last of them is the new `last`);
       everything else the drafter assumed is rolled back. `hidden` are the target's final hidden states at the
@@ -523,12 +523,17 @@ DRAFT_MANIFEST = "aqjax_draft.json"
 DRAFT_FORMAT = "aqjax-draft-v1"
 
 
-def default_draft_dir(target_cfg: LlamaConfig) -> pathlib.Path:
-    """Where scripts/train_draft.py saves the draft for a target by default: `<aqjax cache>/draft-<name>`."""
+def cache_path(target_cfg: LlamaConfig, prefix: str) -> pathlib.Path:
+    """`<aqjax cache>/<prefix>-<the target's name, made safe for a file name>`."""
     from models.download import cache_dir
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in target_cfg.name)
-    return cache_dir() / f"draft-{safe}"
+    return cache_dir() / f"{prefix}-{safe}"
+
+
+def default_draft_dir(target_cfg: LlamaConfig) -> pathlib.Path:
+    """Where scripts/train_draft.py saves the draft for a target by default: `<aqjax cache>/draft-<name>`."""
+    return cache_path(target_cfg, "draft")
 
 
 def _save_tree(d: pathlib.Path, tree) -> None:
@@ -551,41 +556,54 @@ def _restore_tree(d: pathlib.Path):
         return ckptr.restore(d, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def save_draft(path, draft: DraftModel, *, target_cfg: LlamaConfig, force: bool = True) -> pathlib.Path:
-    """Saves a DraftModel with orbax (weights) and a JSON manifest (config, vocabulary subset, training record)."""
+def _write_checkpoint(path, tree, manifest_name: str, manifest: dict, *, force: bool = True) -> pathlib.Path:
+    """orbax weights under `path/params` and a JSON manifest beside them (a folder replaced when `force`)."""
     import shutil
 
     d = pathlib.Path(path).absolute()
     if d.exists() and force:
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    _save_tree(d / "params", {"params": draft.params, "vocab_ids": np.asarray(draft.vocab_ids, np.int32)})
+    _save_tree(d / "params", tree)
+    (d / manifest_name).write_text(json.dumps(manifest, indent=1))
+    return d
+
+
+def _read_checkpoint(path, manifest_name: str, fmt: str, what: str, script: str,
+                     target_cfg: LlamaConfig | None) -> tuple[pathlib.Path, dict, Any]:
+    """(folder, manifest, weights) of a checkpoint written by `_write_checkpoint`; a clear error for a missing
+    folder, another format, or a target of another vocabulary / width than `target_cfg` (when given)."""
+    d = pathlib.Path(path).absolute()
+    manifest_file = d / manifest_name
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{d}: no {what} here ({manifest_name} missing); train one with "
+                                f"`python scripts/{script} --out {d}`")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != fmt:
+        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}, expected {fmt!r}")
+    if target_cfg is not None:
+        t = manifest.get("target", {})
+        if (t.get("vocab_size"), t.get("d_model")) != (target_cfg.vocab_size, target_cfg.d_model):
+            raise ValueError(f"{d}: {what} was trained for a target with vocab {t.get('vocab_size')} and width "
+                             f"{t.get('d_model')}, not {target_cfg.vocab_size} / {target_cfg.d_model}")
+    return d, manifest, _restore_tree(d / "params")
+
+
+def save_draft(path, draft: DraftModel, *, target_cfg: LlamaConfig, force: bool = True) -> pathlib.Path:
+    """Saves a DraftModel with orbax (weights) and a JSON manifest (config, vocabulary subset, training record)."""
     manifest = {"format": DRAFT_FORMAT, "config": draft.cfg.to_dict(), "target": target_cfg.to_dict(),
                 "head_vocab": int(len(draft.vocab_ids)), "meta": draft.meta}
-    (d / DRAFT_MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return d
+    return _write_checkpoint(path, {"params": draft.params, "vocab_ids": np.asarray(draft.vocab_ids, np.int32)},
+                             DRAFT_MANIFEST, manifest, force=force)
 
 
 def load_draft(path, target_cfg: LlamaConfig | None = None) -> DraftModel:
     """Loads a draft saved by `save_draft`; checks that it was trained for `target_cfg` (when given)."""
-    d = pathlib.Path(path).absolute()
-    manifest_file = d / DRAFT_MANIFEST
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{d}: no draft model here ({DRAFT_MANIFEST} missing); train one with "
-                                f"`python scripts/train_draft.py --out {d}`")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != DRAFT_FORMAT:
-        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}, expected {DRAFT_FORMAT!r}")
-    cfg = LlamaConfig.from_dict(manifest["config"])
-    if target_cfg is not None:
-        t = manifest.get("target", {})
-        if (t.get("vocab_size"), t.get("d_model")) != (target_cfg.vocab_size, target_cfg.d_model):
-            raise ValueError(f"{d}: draft was trained for a target with vocab {t.get('vocab_size')} and width "
-                             f"{t.get('d_model')}, not {target_cfg.vocab_size} / {target_cfg.d_model}")
-    tree = _restore_tree(d / "params")
+    _, manifest, tree = _read_checkpoint(path, DRAFT_MANIFEST, DRAFT_FORMAT, "draft model", "train_draft.py",
+                                         target_cfg)
     params = jax.tree.map(jnp.asarray, tree["params"])
-    return DraftModel(cfg=cfg, params=params, vocab_ids=np.asarray(tree["vocab_ids"], np.int32),
-                      meta=manifest.get("meta", {}))
+    return DraftModel(cfg=LlamaConfig.from_dict(manifest["config"]), params=params,
+                      vocab_ids=np.asarray(tree["vocab_ids"], np.int32), meta=manifest.get("meta", {}))
 
 
 FEATURE_MANIFEST = "aqjax_feature_draft.json"
@@ -594,43 +612,21 @@ FEATURE_FORMAT = "aqjax-feature-draft-v1"
 
 def default_feature_dir(target_cfg: LlamaConfig) -> pathlib.Path:
     """Where scripts/train_feature_drafter.py saves by default: `<aqjax cache>/feature-draft-<name>`."""
-    from models.download import cache_dir
-
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in target_cfg.name)
-    return cache_dir() / f"feature-draft-{safe}"
+    return cache_path(target_cfg, "feature-draft")
 
 
 def save_feature_draft(path, fd: FeatureDraft, *, target_cfg: LlamaConfig) -> pathlib.Path:
     """Saves a FeatureDraft with orbax (weights, vocabulary subset) and a JSON manifest (target, record)."""
-    import shutil
-
-    d = pathlib.Path(path).absolute()
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
-    _save_tree(d / "params", {"net": fd.net, "vocab_ids": np.asarray(fd.vocab_ids, np.int32)})
     manifest = {"format": FEATURE_FORMAT, "target": target_cfg.to_dict(), "d_model": int(fd.d_model),
                 "blocks": len(fd.net["blocks"]), "head_vocab": int(len(fd.vocab_ids)), "meta": fd.meta}
-    (d / FEATURE_MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return d
+    return _write_checkpoint(path, {"net": fd.net, "vocab_ids": np.asarray(fd.vocab_ids, np.int32)},
+                             FEATURE_MANIFEST, manifest)
 
 
 def load_feature_draft(path, target_cfg: LlamaConfig | None = None) -> FeatureDraft:
     """Loads a FeatureDraft saved by `save_feature_draft`; checks the target it was trained for (when given)."""
-    d = pathlib.Path(path).absolute()
-    manifest_file = d / FEATURE_MANIFEST
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{d}: no feature draft here ({FEATURE_MANIFEST} missing); train one with "
-                                f"`python scripts/train_feature_drafter.py --out {d}`")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != FEATURE_FORMAT:
-        raise ValueError(f"{manifest_file}: format {manifest.get('format')!r}, expected {FEATURE_FORMAT!r}")
-    if target_cfg is not None:
-        t = manifest.get("target", {})
-        if (t.get("vocab_size"), t.get("d_model")) != (target_cfg.vocab_size, target_cfg.d_model):
-            raise ValueError(f"{d}: feature draft was trained for a target with vocab {t.get('vocab_size')} and "
-                             f"width {t.get('d_model')}, not {target_cfg.vocab_size} / {target_cfg.d_model}")
-    tree = _restore_tree(d / "params")
+    _, manifest, tree = _read_checkpoint(path, FEATURE_MANIFEST, FEATURE_FORMAT, "feature draft",
+                                         "train_feature_drafter.py", target_cfg)
     net = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree["net"])
     if isinstance(net["blocks"], dict):  # a list saved by orbax may come back keyed "0", "1", ...
         net["blocks"] = [net["blocks"][key] for key in sorted(net["blocks"], key=int)]

@@ -20,7 +20,8 @@ forward (the mean accepted length plus the bonus token), "accept" = accepted / p
 
 The draft model comes from `scripts/train_draft.py`, the feature draft head from
 `scripts/train_feature_drafter.py` (default locations, or --draft / --feature); without them the "draft" /
-"feature" rows are skipped with a note. Timings depend on the machine's load: on a shared machine, compare within one run.
+"feature" rows are skipped with a note. Timings depend on the machine's load: on a shared machine, compare
+within one run.
 """
 
 from __future__ import annotations

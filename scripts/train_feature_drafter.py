@@ -4,9 +4,10 @@ Usage:  python scripts/train_feature_drafter.py [--model PATH] [--out DIR] [--co
                                                [--steps 1500] [--unroll 4] [--blocks 2] [--json out.json]
 
 No external data: the target writes the training text itself.
-  1. Corpus: the target answers built-in chat prompts (topics x tasks, plus code), greedy, at batch 64. Cached
-     as an .npz (`--corpus`, default `<aqjax cache>/corpus-<model>.npz`): regenerated when missing. The
-     prompts of bench/speculative.py's chat workload and of `HELD_OUT` are not among them.
+  1. Corpus: the target answers built-in chat prompts (topics x tasks, plus code), then `--grounded` prompts
+     that ask it to summarize / extract from its own longest answers; greedy, at batch 64. Cached as an .npz
+     (`--corpus`, default `<aqjax cache>/corpus-<model>.npz`): regenerated when missing. The prompts of
+     bench/speculative.py's chat workload and of `HELD_OUT` are not among them.
   2. Features: one teacher-forced target pass over every sequence keeps the final (normed) hidden state at
      every answer position: the input the drafter sees at run time after each verification.
   3. Training (optax AdamW, warmup + cosine): from the true hidden state h_t and the next `--unroll` tokens,
@@ -41,6 +42,7 @@ import optax  # noqa: E402
 from aqjax.cache import KVCache  # noqa: E402
 from aqjax.drafters import (  # noqa: E402
     FeatureDraft,
+    cache_path,
     default_feature_dir,
     feature_step,
     init_feature_net,
@@ -100,6 +102,14 @@ TASKS_2 = [
     "What are the main ideas behind {}?", "Give a step-by-step explanation of {}.", "What are the benefits of {}?",
     "Write an introduction for a presentation about {}.", "What questions do people often ask about {}?",
 ]
+# Input-grounded prompts over the target's own longer answers (the corpus's chat part): extraction and summaries,
+# where the target copies from its input as on bench/speculative.py's grounded workload (whose text is not used).
+GROUNDED = [
+    "Summarize the following text:\n\n{}", "List the main points of the following text:\n\n{}",
+    "Extract the key facts from this text:\n\n{}", "Rewrite the following text in simpler words:\n\n{}",
+    "What does the following text say? Answer briefly.\n\n{}", "Write a title and a one-paragraph summary for "
+    "this text:\n\n{}",
+]
 CODE = [f"Write a Python function that {x}." for x in (
     "reverses a string", "computes Fibonacci numbers", "counts the words in a text", "checks if a number is prime",
     "finds the maximum of a list", "reads a CSV file", "removes duplicates from a list",
@@ -126,6 +136,14 @@ def prompts() -> list[str]:
 
 def chat(tok, text: str) -> list[int]:
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+
+
+def grounded_prompts(tok, flat, lengths, starts, n: int) -> list[str]:
+    """Up to n input-grounded prompts over the corpus's longest answers (deterministic)."""
+    seqs = np.split(flat, np.cumsum(lengths)[:-1])
+    answers = [tok.decode(s[st:].tolist(), skip_special=True).strip() for s, st in zip(seqs, starts, strict=True)]
+    order = np.argsort([-len(a) for a in answers], kind="stable")[:n]
+    return [GROUNDED[i % len(GROUNDED)].format(answers[j]) for i, j in enumerate(sorted(order))]
 
 
 def make_corpus(gen: Generator, tok, texts, *, new_tokens: int, batch: int):
@@ -193,6 +211,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output dir (default: <aqjax cache>/feature-draft-<model>)")
     ap.add_argument("--corpus", default=None, help="corpus .npz (default: <aqjax cache>/corpus-<model>.npz)")
     ap.add_argument("--prompts", type=int, default=None, help="corpus prompts when generating (default: all)")
+    ap.add_argument("--grounded", type=int, default=512, help="input-grounded prompts over the corpus's answers")
     ap.add_argument("--new-tokens", type=int, default=192)
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=2)
@@ -208,15 +227,13 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the training record here")
     args = ap.parse_args(argv)
 
-    from models.download import cache_dir
     from models.loader import load_model
 
     t_all = time.perf_counter()
     m = load_model(args.model)
     tok, cfg = m.tokenizer, m.cfg
     gen = Generator(cfg, m.params, stop_ids=tok.stop_ids)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.name)
-    corpus = args.corpus or str(cache_dir() / f"corpus-{safe}.npz")
+    corpus = args.corpus or f"{cache_path(cfg, 'corpus')}.npz"
     record: dict = {"kind": "feature", "target": cfg.name, "blocks": args.blocks, "hidden": args.hidden,
                     "head_vocab": args.head_vocab, "unroll": args.unroll, "steps": args.steps, "batch": args.batch,
                     "lr": args.lr, "feature_weight": args.feature_weight}
@@ -229,6 +246,9 @@ def main(argv=None):
     else:
         texts = prompts()[: args.prompts]
         flat, lengths, starts = make_corpus(gen, tok, texts, new_tokens=args.new_tokens, batch=args.gen_batch)
+        g = grounded_prompts(tok, flat, lengths, starts, args.grounded)
+        f2, l2, s2 = make_corpus(gen, tok, g, new_tokens=args.new_tokens, batch=args.gen_batch // 2)
+        flat, lengths, starts = np.concatenate([flat, f2]), np.concatenate([lengths, l2]), np.concatenate([starts, s2])
         os.makedirs(os.path.dirname(os.path.abspath(corpus)), exist_ok=True)
         np.savez(corpus, tokens=flat, lengths=lengths, starts=starts)
         record["time_corpus_s"] = round(time.perf_counter() - t0, 1)

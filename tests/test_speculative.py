@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aqjax import speculative
+from aqjax.cache import KVCache
 from aqjax.decode import score
 from aqjax.drafters import (
     DraftModel,
@@ -32,7 +33,6 @@ from aqjax.engine import Generator, RequestError
 from aqjax.sampling import SamplingConfig, SamplingParams, filter_logits
 from aqjax.speculative import SpeculativeGenerator, speculative_generator
 from gate.core import NO_RULE, NO_TOKEN, Decision, Gate, Outcome, Verdict
-from aqjax.cache import KVCache
 from models.config import tiny_config
 from models.params import init_params
 

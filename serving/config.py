@@ -32,7 +32,9 @@
     protected_chars = 16            #   their distinct non-ASCII characters,
     evidence_nodes = 2048           #   and the nodes of its evidence's digit trie (more: the request gets 400)
     unroll_layers = true            # the decoder's layers unrolled over per-layer weights (default: on CPU)
-    speculative = "none"            # "lookup": prompt-lookup speculative decoding in chunks over few slots
+    speculative = "none"            # "lookup": prompt-lookup speculative decoding in chunks over few slots;
+                                    #   "feature" / "hybrid": the feature draft head (/ after lookup)
+    # feature_draft = "dir"         #   its folder (default: scripts/train_feature_drafter.py's cache folder)
     draft_k = 4                     #   draft tokens per step
     speculative_rows = 1            #   the most slots (a prefix bucket) a speculative chunk runs over
     max_ngram = 3                   #   longest suffix n-gram the lookup matches
@@ -166,6 +168,8 @@ def load_config(path: str | os.PathLike | None = None) -> ServerConfig:
         server["compile_cache"] = _resolve(str(server["compile_cache"]), base)
     engine = dict(doc.get("engine", {}))
     _check_keys(engine, _ENGINE_KEYS, f"{path} [engine]")
+    if engine.get("feature_draft"):
+        engine["feature_draft"] = _resolve(str(engine["feature_draft"]), base)
     try:
         engine_cfg = EngineConfig(**engine, governed=bool(server.get("governed", True)))
     except (TypeError, ValueError) as e:

@@ -20,13 +20,14 @@ and leave that batch between compiled calls; no call ever changes a shape, so no
   as done rows) and packs what the host needs into one small array: each slot's new tokens and its flags, and
   (with `EngineConfig.logprobs`) their log-probabilities, floats bitcast to int32; a slot's `want` flag, set at
   insert, decides whether its row's are recorded, and no step computes them while no running slot wants them.
-* `_spec_chunk` (jitted once per prefix bucket up to `speculative_rows`, with `speculative = "lookup"`) is
-  `_chunk` with speculative decoding (`aqjax.speculative.spec_chunk`): each of its steps drafts k tokens per slot
-  by prompt lookup, verifies them in one forward over k + 1 positions, and commits the accepted ones through the
-  gate, so a slot gets 1 to k + 1 tokens per step, exactly those (greedy) or distributed as (sampled) plain
-  decoding gives. The drafter's state is rebuilt from each slot's prompt (kept in `History`, written by the
-  prefill pieces and the insert) and output at the start of the chunk, so the engine picks a plain or a
-  speculative chunk per iteration by how many slots are decoding.
+* `_spec_chunk` (jitted once per prefix bucket up to `speculative_rows`, with `speculative` "lookup", "feature"
+  or "hybrid") is `_chunk` with speculative decoding (`aqjax.speculative.spec_chunk`): each of its steps drafts k
+  tokens per slot (by prompt lookup, the feature draft head, or both), verifies them in one forward over k + 1
+  positions, and commits the accepted ones through the gate, so a slot gets 1 to k + 1 tokens per step, exactly
+  those (greedy) or distributed as (sampled) plain decoding gives. The drafter's state is rebuilt at the start of
+  the chunk from what every chunk carries: each slot's prompt (kept in `History`, written by the prefill pieces
+  and the insert) and output, and its last hidden state (`DecodeState.last_h`), so the engine picks a plain or
+  a speculative chunk per iteration by how many slots are decoding.
 * `_take_row` reads a finished slot's verdict, events and gate state; `_stop_rows` ends cancelled slots.
 
 Threads and queues:
@@ -73,7 +74,16 @@ from jaxtyping import Array, Int
 from aqjax import decode as _decode
 from aqjax import speculative as _spec
 from aqjax.cache import KVCache
-from aqjax.drafters import lookup_drafter, lookup_state
+from aqjax.drafters import (
+    FeatureState,
+    HybridState,
+    default_feature_dir,
+    feature_drafter,
+    hybrid_drafter,
+    load_feature_draft,
+    lookup_drafter,
+    lookup_state,
+)
 from aqjax.engine import EVENT_NAMES, FINISH_NAMES, GateEvent, bucket, logprob_entries
 from aqjax.sampling import SamplingConfig, SamplingParams
 from gate.core import keep_rows
@@ -87,7 +97,7 @@ __all__ = ["Draining", "Engine", "EngineConfig", "EngineRequest", "Failed", "Fin
 
 log = logging.getLogger("aqjax.serving.engine")
 
-SPECULATIVE_KINDS = ("none", "lookup")
+SPECULATIVE_KINDS = ("none", "lookup", "feature", "hybrid")
 MAX_DRAFT_K = _spec.MAX_DRAFT_K
 
 
@@ -143,8 +153,12 @@ class EngineConfig:
         same draws for a seed: which chunks speculate depends on the load). A chunk runs `chunk_steps`
         verification steps, each emitting 1 to draft_k + 1 tokens per slot. Lookup needs no model: its state is
         the slot's tokens (prompt, then output), rebuilt on the device at the start of each speculative chunk,
-        so the engine moves between plain and speculative chunks as the load changes. The model drafters
-        ("self", "draft") are not served yet.
+        so the engine moves between plain and speculative chunks as the load changes. "feature" drafts with the
+        feature draft head (`aqjax.drafters.feature_drafter`, trained by scripts/train_feature_drafter.py; its
+        folder is `feature_draft`, default that script's cache folder), whose state is the slot's last hidden
+        state, carried by every chunk (`DecodeState.last_h`); "hybrid" with lookup where it matches, the feature
+        head elsewhere. The model drafters with their own KV cache ("self", "draft") are not served.
+      feature_draft: the feature draft's folder for "feature" / "hybrid" (None: the training script's default).
       speculative_rows: the largest prefix bucket decoded speculatively (beyond it, a verification forward over
         k + 1 positions per slot costs more than its accepted tokens save; see bench/serve.py).
       speculative_min_tokens: speculate only while the decoding slots' recent tokens per verification step (an
@@ -184,6 +198,7 @@ class EngineConfig:
     draft_k: int = 4
     speculative_rows: int = 1
     max_ngram: int = 3
+    feature_draft: str | None = None
     speculative_min_tokens: float = 1.5
     speculative_probe: int = 8
 
@@ -454,7 +469,7 @@ def _insert(params: Params, state: _decode.DecodeState, table, history: History 
         gate_state = (keep_rows(restore, phrase_state, phrases), structure, *turn_state)
     K = None if state.logprobs is None else state.logprobs.top_ids.shape[-1]
     rows = _decode.start(params, tokens, n, rows_cache, sampling, max_new, stop_ids, M, gate_state, row_table, want,
-                         cfg=cfg, gate=gate, top_logprobs=K)
+                         cfg=cfg, gate=gate, top_logprobs=K, keep_hidden=state.last_h is not None)
     fields = {f.name: jax.tree.map(lambda b, r: _scatter_rows(b, r, slots), getattr(state, f.name),
                                    getattr(rows, f.name))
               for f in dataclasses.fields(state) if f.name not in ("cache", "step")}
@@ -575,12 +590,13 @@ def _pack_new(sub: _decode.DecodeState, before, W: int, extra=()) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gate", "n_steps", "rows", "drafter", "k"),
                    donate_argnames=("state",))
-def _spec_chunk(params: Params, state: _decode.DecodeState, table, history: History, *, cfg: LlamaConfig, gate,
-                n_steps: int, rows: int, drafter, k: int):
+def _spec_chunk(params: Params, dparams, state: _decode.DecodeState, table, history: History | None, *,
+                cfg: LlamaConfig, gate, n_steps: int, rows: int, drafter, k: int):
     """`_chunk` with speculative decoding (`aqjax.speculative.spec_chunk`): `n_steps` verification steps over the
-    first `rows` slots, each emitting 1 to k + 1 tokens per slot. The lookup drafter's state is rebuilt from the
-    slots' prompts and outputs (`aqjax.drafters.lookup_state`) and dropped after the chunk: nothing about
-    speculation outlives it, so plain and speculative chunks interleave freely.
+    first `rows` slots, each emitting 1 to k + 1 tokens per slot. The drafter's state is rebuilt from what every
+    chunk carries: lookup's from the slots' prompts and outputs (`aqjax.drafters.lookup_state`), the feature
+    head's from the slots' last hidden states (`DecodeState.last_h`); it is dropped after the chunk: nothing
+    about speculation outlives it, so plain and speculative chunks interleave freely.
 
     Returns (state, Int[rows, W + 6 (+ W * (1 + 2K))]) with W = n_steps * (k + 1): as `_chunk`'s packed rows (W
     token columns, then n_out, done, finish), then the chunk's verification steps, drafted and accepted draft
@@ -588,8 +604,12 @@ def _spec_chunk(params: Params, state: _decode.DecodeState, table, history: Hist
     """
     sub, sub_table = _sub_batch(state, table, rows)
     before = sub.n_out
-    st = _spec.spec_state(sub, lookup_state(history.tokens[:rows], history.length[:rows], sub.out, sub.n_out), k)
-    st = _spec.spec_chunk(params, (), st, sub_table, cfg=cfg, drafter=drafter, gate=gate, k=k, adaptive=False,
+    look = (None if history is None else
+            lookup_state(history.tokens[:rows], history.length[:rows], sub.out, sub.n_out))
+    feat = None if sub.last_h is None else FeatureState(feat=sub.last_h)
+    dstate = {"lookup": look, "feature": feat, "hybrid": HybridState(lookup=look, feature=feat)}[drafter.name]
+    st = _spec.spec_state(sub, dstate, k)
+    st = _spec.spec_chunk(params, dparams, st, sub_table, cfg=cfg, drafter=drafter, gate=gate, k=k, adaptive=False,
                           n_steps=n_steps)
     packed = _pack_new(st.dec, before, n_steps * (k + 1), (st.n_steps, st.n_drafted, st.n_accepted))
     return _merge_sub_batch(state, st.dec), packed
@@ -654,9 +674,16 @@ class Engine:
                      else None)
         self._table = (jax.tree.map(jnp.asarray, gating.empty_table(self._env, self.vocab_size, B))
                        if self.gate is not None else None)
+        self._drafter, self._dparams = None, ()
+        if config.speculative == "lookup":
+            self._drafter = lookup_drafter(config.max_ngram)
+        elif config.speculative in ("feature", "hybrid"):
+            fd = load_feature_draft(config.feature_draft or default_feature_dir(cfg), cfg)
+            self._dparams = fd.dparams(self.params, cfg)
+            self._drafter = feature_drafter() if config.speculative == "feature" else hybrid_drafter(config.max_ngram)
         self._state = self._empty_state()
-        self._drafter = lookup_drafter(config.max_ngram) if config.speculative == "lookup" else None
-        self._history = History.empty(B, config.max_len) if self._drafter is not None else None
+        self._history = (History.empty(B, config.max_len) if config.speculative in ("lookup", "hybrid")
+                         else None)
         self._row_tables: collections.OrderedDict = collections.OrderedDict()  # (hash, envelope) -> device row
 
         self._cv = threading.Condition()
@@ -697,7 +724,9 @@ class Engine:
             verdict=i32(), rule=jnp.full((B,), -1, jnp.int32), confidence=jnp.ones((B,), jnp.float32),
             gate_state=None if self.gate is None else self.gate.init(self._table, B),
             events=None if self.gate is None else _decode.EventLog.empty(B, M),
-            logprobs=_decode.LogprobLog.empty(B, M, c.max_top_logprobs) if c.logprobs else None)
+            logprobs=_decode.LogprobLog.empty(B, M, c.max_top_logprobs) if c.logprobs else None,
+            last_h=(jnp.zeros((B, self.cfg.d_model), jnp.float32)
+                    if self._drafter is not None and self._drafter.needs_hidden else None))
         # distinct buffers for every leaf (EventLog.empty shares one array between fields): the state is donated
         return jax.tree.map(jnp.copy, state)
 
@@ -1142,8 +1171,8 @@ class Engine:
         """One decode chunk over the first `rows` slots: (state, packed) from `_chunk` or `_spec_chunk`."""
         c = self.config
         if speculate:
-            return _spec_chunk(self.params, self._state, self._table, self._history, cfg=self.cfg, gate=self.gate,
-                               n_steps=c.chunk_steps, rows=rows, drafter=self._drafter, k=c.draft_k)
+            return _spec_chunk(self.params, self._dparams, self._state, self._table, self._history, cfg=self.cfg,
+                               gate=self.gate, n_steps=c.chunk_steps, rows=rows, drafter=self._drafter, k=c.draft_k)
         return _chunk(self.params, self._state, self._table, cfg=self.cfg, gate=self.gate, n_steps=c.chunk_steps,
                       rows=rows)
 

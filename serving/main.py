@@ -68,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-budget", type=int, help="prompt tokens prefilled between two decode chunks")
     p.add_argument("--min-active-slots", type=int, help="smallest slot prefix a decode chunk runs over")
     p.add_argument("--max-queue", type=int, help="requests that may wait for a slot (beyond: 429)")
-    p.add_argument("--speculative", choices=["none", "lookup"],
-                   help="speculative decoding in decode chunks over few slots (prompt lookup; default none)")
+    p.add_argument("--speculative", choices=["none", "lookup", "feature", "hybrid"],
+                   help="speculative decoding in decode chunks over few slots: prompt lookup, the feature draft "
+                        "head, or both (default none)")
+    p.add_argument("--feature-draft", metavar="DIR",
+                   help="the feature draft for --speculative feature / hybrid (default: its training script's cache)")
     p.add_argument("--draft-k", type=int, help="draft tokens per speculative step (default 4)")
     p.add_argument("--speculative-rows", type=int, help="the most slots a speculative chunk runs over (default 1)")
     p.add_argument("--default-max-tokens", type=int, help="completion budget when a request gives none")
@@ -90,7 +93,7 @@ def config_from_args(args: argparse.Namespace):
                    state_dir=args.state_dir, slots=args.slots, max_len=args.max_len, chunk_steps=args.chunk_steps,
                    prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
                    min_active_slots=args.min_active_slots, max_queue=args.max_queue, speculative=args.speculative,
-                   draft_k=args.draft_k, speculative_rows=args.speculative_rows,
+                   draft_k=args.draft_k, speculative_rows=args.speculative_rows, feature_draft=args.feature_draft,
                    default_max_tokens=args.default_max_tokens, drain_timeout=args.drain_timeout)
     if args.no_gate:
         changes["governed"] = False

@@ -5,6 +5,7 @@ chunks speculate or not, and nothing recompiles once warmed up."""
 import dataclasses
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -47,6 +48,13 @@ def drive(engine, reqs, *, stagger=True, limit=400):
 def test_config_rejects_what_it_cannot_serve():
     with pytest.raises(ValueError, match="speculative must be one of"):
         EngineConfig(speculative="self")
+    with pytest.raises(FileNotFoundError, match="train_feature_drafter.py"):
+        from models.config import tiny_config
+        from models.params import init_params
+
+        cfg = tiny_config()
+        Engine(cfg, init_params(cfg, jax.random.key(0)), EngineConfig(speculative="feature", max_len=64,
+                                                                      feature_draft="/no/such/draft"))
     with pytest.raises(ValueError, match="draft_k"):
         EngineConfig(speculative="lookup", draft_k=0)
     with pytest.raises(ValueError, match="speculative_rows"):
@@ -199,3 +207,49 @@ def test_new_requests_start_by_the_engines_recent_yield(mock):  # noqa: F811
     assert mock.tokenizer.decode(high.tokens) == "abcdefghijklmnopqrstuvwxyz"
     chunks, specs = engine.chunks - chunks_before, engine.spec_chunks - spec_before
     assert specs > chunks // 2  # once a probe has seen its drafts succeed, it speculates
+
+
+def _feature_engine(tmp_path, params, cfg, kind, draft, **kw):
+    """A small ungoverned engine speculating with `draft` (saved and loaded as the server does)."""
+    from aqjax.drafters import save_feature_draft
+
+    path = save_feature_draft(tmp_path / kind, draft, target_cfg=cfg)
+    return Engine(cfg, params, EngineConfig(slots=4, max_len=64, chunk_steps=3, prefill_chunk=16, min_prompt_bucket=16,
+                                            governed=False, speculative=kind, draft_k=3, feature_draft=str(path),
+                                            speculative_rows=1, speculative_min_tokens=0.0, **kw), stop_ids=())
+
+
+@pytest.mark.parametrize("kind", ["feature", "hybrid"])
+def test_feature_drafters_in_the_engine_give_generator_tokens(tmp_path, kind):
+    """A random feature draft (mostly rejected) on the tiny Llama: staggered joins, chunked prefill, plain chunks
+    (several slots decoding) between speculative ones (speculative_rows = 1): Generator's greedy tokens."""
+    from aqjax.drafters import random_feature_draft
+    from models.loader import load_model
+
+    m = load_model(pathlib.Path(__file__).parent / "data" / "tiny_llama_gqa")
+    fd = random_feature_draft(m.cfg, jax.random.key(2), head_vocab=100)
+    engine = _feature_engine(tmp_path, m.params, m.cfg, kind, fd)
+    rng = np.random.default_rng(1)
+    reqs = [(rng.integers(3, 128, size=n).tolist(), k) for n, k in ((5, 20), (37, 12), (12, 30), (20, 9), (3, 25))]
+    sinks = drive(engine, [dict(prompt=p, max_new=k) for p, k in reqs])
+    alone = Generator(m.cfg, m.params, stop_ids=()).generate([p for p, _ in reqs], None, [k for _, k in reqs])
+    for sink, want in zip(sinks, alone, strict=True):
+        assert sink.tokens == want.tokens and sink.result.finish_reason == "length"
+    assert 0 < engine.spec_chunks < engine.chunks  # both kinds of chunk ran
+    assert engine.spec_drafted > 0
+
+
+def test_engine_hands_the_feature_drafter_the_slots_true_hidden_state(tmp_path):
+    """The target whose hidden state is rms(embedding) and the feature net that predicts it exactly (see
+    tests/test_speculative.py): every draft must be accepted, which holds only if each slot's last hidden state
+    is right after its insert, after plain chunks (several slots decoding) and after speculative ones."""
+    from tests.test_speculative import CFG, _exact_feature_setup
+
+    p, gen, fd = _exact_feature_setup()
+    engine = _feature_engine(tmp_path, p, CFG, "feature", fd)
+    reqs = [([5, 6, 7, 8], 24), ([10, 11, 12], 10), ([20, 30, 40, 50, 60], 30)]
+    sinks = drive(engine, [dict(prompt=q, max_new=k) for q, k in reqs])
+    alone = gen.generate([q for q, _ in reqs], None, [k for _, k in reqs])
+    assert [s.tokens for s in sinks] == [r.tokens for r in alone]
+    assert 0 < engine.spec_chunks < engine.chunks
+    assert engine.spec_drafted > 0 and engine.spec_accepted == engine.spec_drafted

@@ -136,9 +136,9 @@ def test_drafter_rollback_is_exact(tiny):
 
 
 def _exact_feature_setup():
-    """A target whose layers add nothing (zero output projections, unit final norm): its hidden state at a position
-    is rms(embedding of the token there), so a feature net computing z = f - rms(f) + rms(e) predicts the next
-    hidden state exactly and every draft is accepted."""
+    """(params, Generator, FeatureDraft): a target whose layers add nothing (zero output projections, unit final
+    norm): its hidden state at a position is rms(embedding of the token there), so a feature net computing
+    z = f - rms(f) + rms(e) predicts the next hidden state exactly and every draft is accepted."""
     from aqjax.drafters import FeatureDraft, init_feature_net
 
     p = init_params(CFG, jax.random.key(0))
@@ -149,7 +149,7 @@ def _exact_feature_setup():
     net = init_feature_net(jax.random.key(1), CFG.d_model, blocks=1, hidden=8)
     eye = jnp.eye(CFG.d_model, dtype=jnp.float32)
     net["w_in"] = jnp.concatenate([-eye, eye])
-    return gen, FeatureDraft(net=net, vocab_ids=np.arange(CFG.vocab_size), d_model=CFG.d_model)
+    return p, gen, FeatureDraft(net=net, vocab_ids=np.arange(CFG.vocab_size), d_model=CFG.d_model)
 
 
 def test_feature_drafter_starts_each_window_from_the_targets_own_hidden_state(tiny):
@@ -160,7 +160,7 @@ def test_feature_drafter_starts_each_window_from_the_targets_own_hidden_state(ti
     from models.llama import forward
 
     gen_rand, sg_rand, _ = tiny
-    gen_exact, fd = _exact_feature_setup()
+    _, gen_exact, fd = _exact_feature_setup()
     k = 3
     for gen, sg, accepted in ((gen_rand, sg_rand, False),
                               (gen_exact, SpeculativeGenerator(gen_exact, "feature", feature=fd), True)):

@@ -10,11 +10,10 @@ per-row state (a pytree with leading axis B):
       target's final hidden state at the last prompt position (the one that produced `last`).
   propose(dparams, state, last[B], choose, carry, n_draft[B], *, k) -> (Proposal, carry, state)
       k draft tokens per row that continue the sequence after `last`. Model drafters draw each token through
-      `choose(carry, j, logits[B, Vq], ids, force=None) -> (carry, token[B], col[B], q_logp[B, Vq], ok[B])`,
-      supplied by the speculative loop: it applies the gate's mask at draft position j and the row's sampling
-      filters, so the draft distribution q' is gated like the target's. `force = (use[B], col[B])` makes rows in
-      `use` draft column `col` deterministically (q' one-hot there; not ok where the gate masks it). Positions
-      j >= n_draft[b] are not needed (a drafter may skip the work when no row needs them).
+      `choose(carry, j, logits[B, Vq], ids) -> (carry, token[B], col[B], q_logp[B, Vq], ok[B])`, supplied by
+      the speculative loop: it applies the gate's mask at draft position j and the row's sampling
+      filters, so the draft distribution q' is gated like the target's. Positions j >= n_draft[b] are not needed
+      (a drafter may skip the work when no row needs them).
   commit(dparams, state, tokens[B, k + 1], n[B], hidden[B, k + 1, D]) -> state
       the first n[b] of `tokens` followed the old `last` into the output (the last of them is the new `last`);
       everything else the drafter assumed is rolled back. `hidden` are the target's final hidden states at the
@@ -37,9 +36,9 @@ Five drafters:
     draft logits; the prediction and the drafted token feed the next draft position. Its only state is f, which
     every verification replaces with the target's true hidden state, so nothing needs rolling back and it has no
     KV cache. Trained by `scripts/train_feature_drafter.py` on the target's own text.
-  * `hybrid_drafter`: prompt lookup where the row's suffix matches earlier text (its continuation, drafted
-    deterministically), the feature head after it and wherever nothing matches; the feature head's chain runs
-    through the looked-up tokens, so a copied span and what follows it form one window.
+  * `hybrid_drafter`: per row and step, prompt lookup where the row's suffix matches earlier text (its
+    continuation, drafted deterministically), the feature head where nothing matches (a lookup step then pays
+    for no draft forward).
 
 Why a KV cache for the model drafters rather than recomputing a window: on CPU a draft step at batch 1 is
 bound by reading its weights; a cached step reads them once for one token, whereas recomputing a window of W
@@ -100,6 +99,7 @@ class Drafter(NamedTuple):
     name: str
     deterministic: bool
     needs_hidden: bool = False
+    adaptive: bool = False  # adaptive draft length by default (see aqjax.speculative)
 
 
 # ------------------------------------------------------------------------------------------- prompt lookup
@@ -281,6 +281,7 @@ def model_drafter(cfg: LlamaConfig, *, share_prefix: bool = False, name: str = "
         commit=_model_commit,
         name=name,
         deterministic=False,
+        adaptive=True,
     )
 
 
@@ -417,7 +418,7 @@ def _feature_commit(dparams, state: FeatureState, tokens, n, hidden=None) -> Fea
 
 
 FEATURE_DRAFTER = Drafter(init=_feature_init, propose=_feature_propose, commit=_feature_commit, name="feature",
-                          deterministic=False, needs_hidden=True)
+                          deterministic=False, needs_hidden=True, adaptive=True)
 
 
 def feature_drafter() -> Drafter:
@@ -438,13 +439,20 @@ def _hybrid_init(dparams, prompt, lengths, last, target_cache, last_h=None) -> H
 
 def _hybrid_propose(dparams, state: HybridState, last, choose, carry, n_draft, *, k: int, max_ngram: int):
     look, _, _ = _lookup_propose((), state.lookup, last, None, None, n_draft, k=k, max_ngram=max_ngram)
-    # the looked-up tokens as columns of the feature head (-1: not in its vocabulary, which ends the window)
-    fcol = jnp.where(look.valid, dparams["col_of"][look.tokens], -1)
-
-    def forced_choose(carry, j, logits, ids):
-        return choose(carry, j, logits, ids, force=(look.valid[:, j], fcol[:, j]))
-
-    prop, carry, feature = _feature_propose(dparams, state.feature, last, forced_choose, carry, n_draft, k=k)
+    found = look.valid[:, 0]
+    # rows with a match draft its continuation, the others the feature head (only they run it: a step where every
+    # row matches costs no draft forward). q' spans the whole vocabulary: one-hot at a looked-up token (which
+    # may lie outside the feature head's columns), the feature head's q' scattered to its token ids.
+    prop, carry, feature = _feature_propose(dparams, state.feature, last, choose, carry,
+                                            jnp.where(found, 0, n_draft), k=k)
+    V = dparams["embed"].shape[0]
+    ids = prop.q_ids
+    q_feat = jnp.full(prop.q_logp.shape[:2] + (V,), -jnp.inf, jnp.float32).at[..., ids].set(prop.q_logp)
+    q_look = jnp.where(jnp.arange(V) == look.tokens[..., None], 0.0, -jnp.inf)
+    f = found[:, None]
+    prop = Proposal(tokens=jnp.where(f, look.tokens, prop.tokens), valid=jnp.where(f, look.valid, prop.valid),
+                    q_logp=jnp.where(f[..., None], q_look, q_feat),
+                    q_col=jnp.where(f, look.tokens, ids[prop.q_col]), q_ids=None)
     return prop, carry, state.replace(feature=feature)
 
 
@@ -487,9 +495,7 @@ class FeatureDraft:
             head = jnp.asarray(target_params["embed"])[ids].T
         else:
             head = jnp.asarray(target_params["lm_head"])[:, ids]
-        col_of = jnp.full((cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(len(self.vocab_ids)))
-        return {"net": self.net, "head": head.astype(jnp.float32), "vocab_ids": ids, "col_of": col_of,
-                "embed": target_params["embed"]}
+        return {"net": self.net, "head": head.astype(jnp.float32), "vocab_ids": ids, "embed": target_params["embed"]}
 
 
 def init_feature_net(key: jax.Array, d_model: int, *, blocks: int = 2, hidden: int = 1536,

@@ -121,7 +121,7 @@ def _make_choose(gate: Gate | None, policy, sp: SamplingParams, keys: jax.Array,
     """The gated draft draw handed to model drafters (see `aqjax.drafters`): carry = the gate state."""
     sampled_any = jnp.any(sp.temperature > 0)
 
-    def choose(gs, j, logits, ids, force=None):
+    def choose(gs, j, logits, ids):
         B = logits.shape[0]
         ok = jnp.ones((B,), bool)
         if gate is not None:
@@ -145,14 +145,6 @@ def _make_choose(gate: Gate | None, policy, sp: SamplingParams, keys: jax.Array,
             return greedy, jnp.zeros(lg.shape, jnp.float32)
 
         col, q_logp = lax.cond(sampled_any, draw, no_draw, logits) if sampled else no_draw(logits)
-        if force is not None:  # a token the drafter chose itself: q' is one-hot there (a deterministic draft)
-            use, fcol = force
-            use = use & (fcol >= 0)
-            fcol = jnp.maximum(fcol, 0)
-            ok = jnp.where(use, jnp.take_along_axis(logits, fcol[:, None], axis=1)[:, 0] > -jnp.inf, ok)
-            col = jnp.where(use, fcol, col)
-            onehot = jnp.where(jnp.arange(logits.shape[1])[None, :] == fcol[:, None], 0.0, -jnp.inf)
-            q_logp = jnp.where(use[:, None], onehot, q_logp)
         tok = col if ids is None else ids[col]
         if gate is not None:
             gs = gate.advance(policy, _observed(gs, d), tok, jnp.ones((B,), bool), tok)
@@ -500,8 +492,9 @@ class SpeculativeGenerator:
       self_layers: layers of the early-exit drafter ("self").
       head_vocab: token ids [0, head_vocab) the "self" drafter's head predicts (None: all).
       max_ngram / min_ngram: longest / shortest suffix n-gram the "lookup" drafter matches.
-      adaptive: per-row adaptive draft length (default: on for the model drafters, off for lookup, whose
-        verification costs the same whatever it proposes).
+      adaptive: per-row adaptive draft length (default: on for the model and feature drafters, whose draft
+        positions cost a forward each; off for lookup, whose drafts cost nothing, and for hybrid, where a short
+        length would cut lookup's long copies).
 
     The results and the final state (a DecodeState) are those of `Generator.generate`, so the governed-turn
     helpers of `gate.turn` accept a SpeculativeGenerator in place of a Generator.
@@ -588,7 +581,7 @@ class SpeculativeGenerator:
             prompt[i, :len(p)] = p
             lengths[i] = len(p)
         st = jit_spec_init(dparams, jnp.asarray(prompt), jnp.asarray(lengths), dec, drafter=drafter, k=k)
-        adaptive = (not drafter.deterministic) if self.adaptive is None else bool(self.adaptive)
+        adaptive = drafter.adaptive if self.adaptive is None else bool(self.adaptive)
         configs = sampling if isinstance(sampling, (list, tuple)) else [sampling or SamplingConfig()]
         sampled = any(c.temperature > 0 for c in configs)  # all greedy: the sampling paths are not compiled
         run = dict(dparams=dparams, cfg=self.cfg, drafter=drafter, gate=gate, k=k, adaptive=adaptive,

@@ -155,6 +155,8 @@ def main(argv=None):
     ap.add_argument("--drafters", default="lookup,self,draft,feature,hybrid")
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
     ap.add_argument("--b1-prompts", type=int, default=4, help="questions run one after another at batch 1")
+    ap.add_argument("--adaptive", choices=["default", "on", "off"], default="default",
+                    help="per-row adaptive draft length (default: the drafter's default)")
     ap.add_argument("--self-layers", type=int, default=8)
     ap.add_argument("--draft", default=None, help="draft model dir (default: scripts/train_draft.py's location)")
     ap.add_argument("--feature", default=None,
@@ -198,7 +200,8 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             notes.append(f"feature / hybrid rows skipped: {e}")
             drafters = [d for d in drafters if d not in ("feature", "hybrid")]
-    sg = spec.SpeculativeGenerator(gen, draft=draft, feature=feature, self_layers=args.self_layers)
+    sg = spec.SpeculativeGenerator(gen, draft=draft, feature=feature, self_layers=args.self_layers,
+                                   adaptive=None if args.adaptive == "default" else args.adaptive == "on")
     policies = [("none", None, None)]
     if not args.no_policy_runs:
         compiled = compile_policy(load_policy(args.policy), tok, vocab_size=m.cfg.vocab_size)
@@ -228,7 +231,7 @@ def main(argv=None):
 
     print(f"\naqjax speculative decoding: {m.cfg.name}, float32, jax {jax.__version__}, "
           f"{jax.devices()[0].platform}, greedy, <= {args.new} new tokens/row, k = {args.k}, median of {args.reps}; "
-          f"batch 1 = {args.b1_prompts} questions in turn\n")
+          f"batch 1 = {args.b1_prompts} questions in turn, adaptive draft length {args.adaptive}\n")
     head = (f"{'workload':<10}{'B':>3} {'policy':<13}{'method':<8}{'tok/s':>8}{'x plain':>9}{'tok/step':>10}"
             f"{'accept':>8}{'tokens':>8}  same")
     print(head)

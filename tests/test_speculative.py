@@ -517,17 +517,11 @@ def test_lookup_state_rebuilt_from_prompt_and_output_equals_the_carried_one():
         assert np.all(np.asarray(rebuilt.buf)[b, L:] == -1)
 
 
-def test_hybrid_drafts_the_lookup_continuation_then_the_feature_head():
-    """Row 0 repeats earlier text (lookup matches, 2 tokens of continuation known), row 1 matches nothing: row 0's
-    draft is the looked-up tokens with a one-hot q', then the feature head's draws; row 1's is exactly the feature
+def test_hybrid_drafts_lookups_continuation_where_it_matches_and_the_feature_head_elsewhere():
+    """Row 0 repeats earlier text (lookup matches, 3 tokens of continuation known), row 1 matches nothing: row 0's
+    draft is the looked-up tokens with a one-hot q', ending where lookup's does; row 1's is exactly the feature
     drafter's own proposal (same draws)."""
-    from aqjax.drafters import (
-        _feature_propose,
-        _hybrid_propose,
-        feature_drafter,
-        hybrid_drafter,
-        lookup_drafter,
-    )
+    from aqjax.drafters import _feature_propose, _hybrid_propose, feature_drafter, hybrid_drafter, lookup_drafter
 
     k, B, S = 4, 2, 32
     gen = Generator(CFG, init_params(CFG, jax.random.key(0)), stop_ids=[])
@@ -553,10 +547,15 @@ def test_hybrid_drafts_the_lookup_continuation_then_the_feature_head():
     prop, _, _ = _hybrid_propose(dparams, st, last, choose, None, n_draft, k=k, max_ngram=3)
     ref, _, _ = _feature_propose(dparams, st.feature, last, choose, None, n_draft, k=k)
     toks, q = np.asarray(prop.tokens), np.exp(np.asarray(prop.q_logp))
-    np.testing.assert_array_equal(toks[0, :3], np.asarray(look.tokens[0, :3]))
+    np.testing.assert_array_equal(toks[0, :3], [6, 7, 8])
+    assert list(np.asarray(prop.valid[0])) == [True, True, True, False]
+    assert prop.q_ids is None  # q' over the whole vocabulary
     for j in range(3):  # one-hot q' at the looked-up token
-        assert q[0, j, int(prop.q_col[0, j])] == 1.0 and q[0, j].sum() == 1.0
-    assert prop.valid[0].all() and 0.99 < q[0, 3].sum() < 1.01 and q[0, 3].max() < 1.0  # then a feature draw
+        assert int(prop.q_col[0, j]) == toks[0, j] and q[0, j, toks[0, j]] == 1.0 and q[0, j].sum() == 1.0
     np.testing.assert_array_equal(toks[1], np.asarray(ref.tokens[1]))
-    np.testing.assert_allclose(np.asarray(prop.q_logp[1]), np.asarray(ref.q_logp[1]))
+    ids = np.asarray(ref.q_ids)  # the feature head's q' at its token ids, nothing elsewhere
+    np.testing.assert_allclose(np.asarray(prop.q_logp[1])[:, ids], np.asarray(ref.q_logp[1]))
+    assert np.all(np.delete(q[1], ids, axis=1) == 0.0)
+    np.testing.assert_array_equal(np.asarray(prop.q_col[1]), ids[np.asarray(ref.q_col[1])])
+    assert np.asarray(prop.valid[1]).all()
     assert feature_drafter().needs_hidden and hybrid_drafter().needs_hidden

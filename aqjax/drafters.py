@@ -225,12 +225,9 @@ def _head(dparams, h):
 def _model_propose(dparams, state: ModelDraftState, last, choose, carry, n_draft, *, k: int, cfg: LlamaConfig):
     model = dparams["model"] | {"embed": dparams["embed"]}
     ids = dparams.get("vocab_ids")
-    B = last.shape[0]
-    need = jnp.max(n_draft)
     Vq = dparams["head"].shape[-1]
 
-    def run(c):
-        j, carry, cache, tok, toks, cols, q_logps, oks = c
+    def step(j, cache, tok):
         # Every draft forward takes two tokens (one traced forward for all steps): at step 0 the pending token (if
         # any) and `last`, ragged; later the previous draft token (the second slot is not kept).
         first = j == 0
@@ -239,18 +236,33 @@ def _model_propose(dparams, state: ModelDraftState, last, choose, carry, n_draft
         n_new = jnp.where(first, 1 + state.has_pending.astype(jnp.int32), 1)
         h, cache = forward(model, two, cache, cfg=cfg, n_new=n_new)
         h = jnp.take_along_axis(h, (n_new - 1)[:, None, None], axis=1)[:, 0]
-        carry, nxt, col, q_logp, ok = choose(carry, j, _head(dparams, h), ids)
-        return (j + 1, carry, cache, nxt, toks.at[j].set(nxt), cols.at[j].set(col), q_logps.at[j].set(q_logp),
+        return cache, _head(dparams, h)
+
+    proposal, carry, cache = _draw_drafts(step, state.cache, last, choose, carry, n_draft, k=k, ids=ids, Vq=Vq)
+    return proposal, carry, state.replace(cache=cache)
+
+
+def _draw_drafts(step, x, last, choose, carry, n_draft, *, k: int, ids, Vq: int):
+    """The model drafters' draft loop: `step(j, x, token) -> (x, logits[B, Vq])` runs the drafter on the token
+    at draft position j (`last` at j = 0, then the previous draft) and `choose` draws the next draft from its
+    logits. Positions no row needs (adaptive draft length, token budget) are not run: a while loop up to the
+    longest draft any row asked for (not a cond per position: XLA:CPU copies a conditional's operands, a draft
+    cache here). Returns (Proposal, carry, x)."""
+    B = last.shape[0]
+
+    def run(c):
+        j, carry, x, tok, toks, cols, q_logps, oks = c
+        x, logits = step(j, x, tok)
+        carry, nxt, col, q_logp, ok = choose(carry, j, logits, ids)
+        return (j + 1, carry, x, nxt, toks.at[j].set(nxt), cols.at[j].set(col), q_logps.at[j].set(q_logp),
                 oks.at[j].set(ok))
 
-    # Positions no row needs (adaptive draft length, token budget) are not run: a while loop up to the longest
-    # draft any row asked for (not a cond per position: XLA:CPU copies a conditional's operands, the cache here).
-    init = (jnp.zeros((), jnp.int32), carry, state.cache, last, jnp.zeros((k, B), jnp.int32),
-            jnp.zeros((k, B), jnp.int32), jnp.full((k, B, Vq), -jnp.inf, jnp.float32), jnp.zeros((k, B), bool))
-    _, carry, cache, _, toks, cols, q_logps, oks = jax.lax.while_loop(lambda c: c[0] < need, run, init)
+    init = (jnp.zeros((), jnp.int32), carry, x, last, jnp.zeros((k, B), jnp.int32), jnp.zeros((k, B), jnp.int32),
+            jnp.full((k, B, Vq), -jnp.inf, jnp.float32), jnp.zeros((k, B), bool))
+    _, carry, x, _, toks, cols, q_logps, oks = jax.lax.while_loop(lambda c: c[0] < jnp.max(n_draft), run, init)
     valid = oks.T & (jnp.arange(k)[None, :] < n_draft[:, None])
     proposal = Proposal(tokens=toks.T, valid=valid, q_logp=q_logps.transpose(1, 0, 2), q_col=cols.T, q_ids=ids)
-    return proposal, carry, state.replace(cache=cache)
+    return proposal, carry, x
 
 
 def _model_commit(dparams, state: ModelDraftState, tokens, n, hidden=None) -> ModelDraftState:
@@ -389,24 +401,12 @@ def _feature_init(dparams, prompt, lengths, last, target_cache, last_h=None) -> 
 
 def _feature_propose(dparams, state: FeatureState, last, choose, carry, n_draft, *, k: int):
     net, head, ids, embed = dparams["net"], dparams["head"], dparams["vocab_ids"], dparams["embed"]
-    B = last.shape[0]
-    Vq = head.shape[-1]
-    need = jnp.max(n_draft)
 
-    def run(c):
-        j, carry, f, tok, toks, cols, q_logps, oks = c
+    def step(j, f, tok):
         f = feature_step(net, f, embed[tok].astype(jnp.float32))
-        logits = jnp.dot(f, head, preferred_element_type=jnp.float32)
-        carry, nxt, col, q_logp, ok = choose(carry, j, logits, ids)
-        return (j + 1, carry, f, nxt, toks.at[j].set(nxt), cols.at[j].set(col), q_logps.at[j].set(q_logp),
-                oks.at[j].set(ok))
+        return f, jnp.dot(f, head, preferred_element_type=jnp.float32)
 
-    # only the positions some row needs (adaptive draft length, token budget): a while loop, as `_model_propose`
-    init = (jnp.zeros((), jnp.int32), carry, state.feat, last, jnp.zeros((k, B), jnp.int32),
-            jnp.zeros((k, B), jnp.int32), jnp.full((k, B, Vq), -jnp.inf, jnp.float32), jnp.zeros((k, B), bool))
-    _, carry, _, _, toks, cols, q_logps, oks = jax.lax.while_loop(lambda c: c[0] < need, run, init)
-    valid = oks.T & (jnp.arange(k)[None, :] < n_draft[:, None])
-    proposal = Proposal(tokens=toks.T, valid=valid, q_logp=q_logps.transpose(1, 0, 2), q_col=cols.T, q_ids=ids)
+    proposal, carry, _ = _draw_drafts(step, state.feat, last, choose, carry, n_draft, k=k, ids=ids, Vq=head.shape[-1])
     return proposal, carry, state
 
 

@@ -77,6 +77,33 @@ def test_cached_decoding_equals_teacher_forcing():
     np.testing.assert_array_equal(np.asarray(cache.lengths), [17, 17, 17])
 
 
+@pytest.mark.parametrize("S", [40, 300, 512])
+def test_blocked_attention_equals_teacher_forcing(S):
+    """Decode-time attention walks the cache in blocks (`attention_block`): 20 positions at S = 40; 128 at S = 300,
+    where the last block would pass the cache's end and is read from S - 128 on, overlapping the one before; 128
+    at S = 512. Cached decoding across block boundaries, one token and a 5-token verification block at a time,
+    gives the teacher-forced logits."""
+    from models.llama import attention_block
+
+    cfg = tiny_config()
+    block = attention_block(S)
+    assert block is not None and (S % block != 0) == (S == 300)
+    packed = pack_params(init_params(cfg, jax.random.key(5)), cfg)
+    n = S - 4
+    tokens = jax.random.randint(jax.random.key(6), (2, n), 0, cfg.vocab_size)
+    full = forward_full(packed, tokens, cfg=cfg)
+    prefill = n - 12
+    cache = KVCache.init(cfg, 2, S)
+    _, cache = forward(packed, tokens[:, :prefill], cache, cfg=cfg)
+    outs, pos = [], prefill
+    for step in [1, 5, 1, 5]:
+        h, cache = forward(packed, tokens[:, pos:pos + step], cache, cfg=cfg)
+        outs.append(logits_from_hidden(packed, h, cfg=cfg))
+        pos += step
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, axis=1)), np.asarray(full[:, prefill:]),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_unrolled_layers_decode_as_the_scan_does():
     # Per-layer weights (models.params.unstack_layers) run the same layers, so cached decoding matches the scan's.
     cfg = tiny_config()

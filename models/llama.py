@@ -112,6 +112,52 @@ def _attention_blocked(q, k_all, v_all, idx, q_pos, *, cfg: LlamaConfig, block: 
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
 
 
+def _attention_cached_and_new(q, k_all, v_all, idx, start, k_new, v_new, *, block: int):
+    """Attention of T new queries per row over the row's cached positions (< start) and the new tokens' own keys
+    (causal among them), without writing the cache: the cache is only read (see `forward(write_cache=False)`).
+
+    Args:
+      q: Float[B, T, K, G, H]; k_all: Float[L, B, K, H, S]; v_all: Float[L, B, K, S, H]; idx: the layer.
+      start: Int[B] cached positions per row; k_new, v_new: Float[B, K, T, H] the new tokens' keys and values.
+      block: cache positions per loop iteration (S: the whole cache in one).
+    """
+    B, T, K, G, H = q.shape
+    S = k_all.shape[-1]
+    Q = T * G
+    qg = (q * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q.dtype)).transpose(0, 2, 1, 3, 4).reshape(B, K, Q, H)
+    st = start[:, None, None, None]  # [B, 1, 1, 1]
+    n_blocks = (jnp.max(start) + block - 1) // block
+
+    def attend(carry, s, vb, mask):
+        m, l, acc = carry
+        s = jnp.where(mask, s, -1e30)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # a row may have nothing visible in a block
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("BKQS,BKSH->BKQH", p.astype(vb.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    def body(j, carry):
+        first = j * block
+        begin = jnp.minimum(first, S - block)  # the last block is clamped to the cache's end (see above)
+        kb = lax.dynamic_slice(k_all, (idx, 0, 0, 0, begin), (1, B, K, H, block))[0]
+        vb = lax.dynamic_slice(v_all, (idx, 0, 0, begin, 0), (1, B, K, block, H))[0]
+        s = jnp.einsum("BKQH,BKHS->BKQS", qg, kb, preferred_element_type=jnp.float32)
+        kpos = begin + jnp.arange(block)
+        return attend(carry, s, vb, (kpos < st) & (kpos >= first))
+
+    init = (jnp.full((B, K, Q), -1e30, jnp.float32), jnp.zeros((B, K, Q), jnp.float32),
+            jnp.zeros((B, K, Q, H), jnp.float32))
+    carry = lax.fori_loop(0, n_blocks, body, init)
+    s = jnp.einsum("BKQH,BKTH->BKQT", qg, k_new.astype(qg.dtype), preferred_element_type=jnp.float32)
+    q_t = jnp.repeat(jnp.arange(T), G)  # query order (t, g)
+    _, l, acc = attend(carry, s, v_new, jnp.arange(T)[None, :] <= q_t[:, None])
+    out = acc / l[..., None]
+    return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
+
+
 def attention_block(S: int) -> int | None:
     """The block the decode-time attention walks a cache of capacity S in: 128 positions (S // 2 for a smaller
     cache; None below 32: attend densely). Each block is one iteration of a loop with a fixed cost: at 650 cached
@@ -135,6 +181,7 @@ def forward(
     cfg: LlamaConfig,
     n_new: Int[Array, "B"] | None = None,
     return_layers: bool = False,
+    write_cache: bool = True,
 ):
     """Runs the decoder over T new tokens per row and appends their keys/values to the cache.
 
@@ -147,9 +194,13 @@ def forward(
       cfg: static model config.
       n_new: Int[B] how many of the T tokens are real per row (default T); lengths advance by it.
       return_layers: also return every layer's output, Float[L, B, T, D] (tests only).
+      write_cache: False: only read the cache, and return the new keys and values instead (`write_kv` appends
+        them). A forward inside a `lax.switch` (speculative verification picks its width by one) then takes the
+        loop-carried cache as a read-only operand: written inside a branch, XLA:CPU copied the whole cache.
 
     Returns:
-      (hidden, cache): final-normed hidden states Float[B, T, D] and the updated cache.
+      (hidden, cache): final-normed hidden states Float[B, T, D] and the updated cache; with `write_cache` False,
+      (hidden, (k_new, v_new)) with k_new, v_new Float[L, B, K, T, H].
     """
     B, T = tokens.shape
     G = cfg.q_per_kv
@@ -178,6 +229,11 @@ def forward(
         q = apply_rope(qkv[..., :G, :], cos, sin)
         k = apply_rope(qkv[..., G, :], cos, sin)
         v = qkv[..., G + 1, :]
+        if not write_cache:
+            k_new = k.transpose(0, 2, 1, 3).astype(k_all.dtype)
+            v_new = v.transpose(0, 2, 1, 3).astype(v_all.dtype)
+            attn = _attention_cached_and_new(q, k_all, v_all, idx, start, k_new, v_new, block=block or S)
+            return (mlp(x, attn, lp), k_all, v_all), (k_new, v_new)
         # Write the new entries into this layer's slice of the loop-carried buffers (in place).
         # (the slice between the advanced indices puts H last in the updated block: [B, K, T, H])
         k_all = k_all.at[idx, b_idx, k_idx, :, s_idx].set(k.transpose(0, 2, 1, 3).astype(k_all.dtype), mode="drop")
@@ -186,14 +242,17 @@ def forward(
             attn = _attention_blocked(q, k_all, v_all, idx, positions, cfg=cfg, block=block)
         else:
             attn = _attention(q, k_all[idx, :B], v_all[idx, :B], bias, cfg=cfg)
+        x = mlp(x, attn, lp)
+        return (x, k_all, v_all), (x if return_layers else None)
+
+    def mlp(x, attn, lp):
         # As one [B, T, K*G*H] @ [K*G*H, D] product: written as an einsum over (K, G, H), XLA:CPU transposed the
         # weight (a copy of wo in every layer at every step, a third of a batch-1 decode step) instead of the
         # attention output.
         x = x + jnp.dot(attn.reshape(B, T, -1), lp["wo"].reshape(-1, lp["wo"].shape[-1]))
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         gate_up = jnp.einsum("BTD,DCF->BTCF", h, lp["w_gate_up"])
-        x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])
-        return (x, k_all, v_all), (x if return_layers else None)
+        return x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], lp["w_down"])
 
     if per_layer(params):
         # Unrolled over per-layer weights (`unstack_layers`): every dot reads its weight buffer as it is. A scan
@@ -203,16 +262,34 @@ def forward(
         for i, lp in enumerate(params["layers"]):
             carry, out = layer(carry, (lp, i))
             outs.append(out)
-        (x, k_all, v_all), layers = carry, (jnp.stack(outs) if return_layers else None)
+        (x, k_all, v_all), layers = carry, (jnp.stack(outs) if return_layers and write_cache else None)
     else:
         layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
         (x, k_all, v_all), layers = lax.scan(layer, (x, cache.k, cache.v), (params["layers"], layer_ids))
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if not write_cache:
+        new_k, new_v = (jnp.stack([o[i] for o in outs]) for i in (0, 1)) if per_layer(params) else layers
+        return x, (new_k, new_v)
     n = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
     new_cache = KVCache(k=k_all, v=v_all, lengths=start + n)
     if return_layers:
         return x, new_cache, layers
     return x, new_cache
+
+
+def write_kv(cache: KVCache, new_k, new_v, n_new: Int[Array, "B"]) -> KVCache:
+    """Appends what `forward(write_cache=False)` returned (Float[L, B, K, T, H] each) at every row's length, in
+    place; lengths advance by `n_new` (entries past it are written but stale, as in `forward`)."""
+    L, B, K, T, H = new_k.shape
+    pos = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    l_idx = jnp.arange(L)[:, None, None, None]
+    b_idx = jnp.arange(B)[None, :, None, None]
+    k_idx = jnp.arange(K)[None, None, :, None]
+    s_idx = pos[None, :, None, :]
+    # both index sets broadcast to [L, B, K, T], H last: the updates' layout
+    k = cache.k.at[l_idx, b_idx, k_idx, :, s_idx].set(new_k.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[l_idx, b_idx, k_idx, s_idx].set(new_v.astype(cache.v.dtype), mode="drop")
+    return KVCache(k=k, v=v, lengths=cache.lengths + n_new.astype(jnp.int32))
 
 
 def logits_from_hidden(params: Params, h: Float[Array, "... D"], *, cfg: LlamaConfig) -> Float[Array, "... V"]:

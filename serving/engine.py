@@ -676,11 +676,11 @@ class Engine:
                        if self.gate is not None else None)
         self._drafter, self._dparams = None, ()
         if config.speculative == "lookup":
-            self._drafter = lookup_drafter(config.max_ngram)
+            self._drafter = lookup_drafter(config.max_ngram, min(2, config.max_ngram))
         elif config.speculative in ("feature", "hybrid"):
             fd = load_feature_draft(config.feature_draft or default_feature_dir(cfg), cfg)
             self._dparams = fd.dparams(self.params, cfg)
-            self._drafter = feature_drafter() if config.speculative == "feature" else hybrid_drafter(config.max_ngram)
+            self._drafter = feature_drafter() if config.speculative == "feature" else hybrid_drafter(config.max_ngram, min(2, config.max_ngram))
         self._state = self._empty_state()
         self._history = (History.empty(B, config.max_len) if config.speculative in ("lookup", "hybrid")
                          else None)

@@ -104,6 +104,35 @@ def test_blocked_attention_equals_teacher_forcing(S):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("S", [24, 300])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("unroll", [False, True])
+def test_read_only_forward_then_write_kv_equals_forward(S, T, unroll):
+    """`forward(write_cache=False)` reads the cache only (one block at S = 24, blocks of 128 at S = 300) and
+    returns the new keys and values; `write_kv` appends them: the hidden states and the cache are `forward`'s,
+    for ragged rows (one with nothing cached yet) and a cache with more rows than the batch."""
+    from models.llama import write_kv
+
+    cfg = tiny_config()
+    packed = pack_params(init_params(cfg, jax.random.key(7)), cfg)
+    params = unstack_layers(packed) if unroll else packed
+    n = S - 8
+    prompt = jax.random.randint(jax.random.key(8), (4, n), 0, cfg.vocab_size)
+    cache = KVCache.init(cfg, 4, S)
+    _, cache = forward(params, prompt, cache, cfg=cfg, n_new=jnp.array([n, n - 140 if S > 200 else 3, 0, 9]))
+    cache = KVCache(k=cache.k, v=cache.v, lengths=cache.lengths[:3])  # rows 0-2 of 4
+    new = jax.random.randint(jax.random.key(9), (3, T), 0, cfg.vocab_size)
+    n_new = jnp.array([T, 1, T])
+    h_want, want = forward(params, new, cache, cfg=cfg, n_new=n_new)
+    h_got, (k_new, v_new) = forward(params, new, cache, cfg=cfg, write_cache=False)
+    assert k_new.shape == (cfg.n_layers, 3, cfg.n_kv_heads, T, cfg.head_dim)
+    got = write_kv(cache, k_new, v_new, n_new)
+    np.testing.assert_allclose(np.asarray(h_got), np.asarray(h_want), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    np.testing.assert_allclose(np.asarray(got.k), np.asarray(want.k), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.v), np.asarray(want.v), atol=1e-6)
+
+
 def test_unrolled_layers_decode_as_the_scan_does():
     # Per-layer weights (models.params.unstack_layers) run the same layers, so cached decoding matches the scan's.
     cfg = tiny_config()

@@ -544,7 +544,7 @@ def test_hybrid_drafts_lookups_continuation_where_it_matches_and_the_feature_hea
     keys = speculative._step_keys(sp, jnp.zeros((B,), jnp.int32))
     choose = speculative._make_choose(None, None, sp, keys, CFG.vocab_size, True)
     n_draft = jnp.full((B,), k, jnp.int32)
-    prop, _, _ = _hybrid_propose(dparams, st, last, choose, None, n_draft, k=k, max_ngram=3)
+    prop, _, _ = _hybrid_propose(dparams, st, last, choose, None, n_draft, k=k, max_ngram=3, min_ngram=2)
     ref, _, _ = _feature_propose(dparams, st.feature, last, choose, None, n_draft, k=k)
     toks, q = np.asarray(prop.tokens), np.exp(np.asarray(prop.q_logp))
     np.testing.assert_array_equal(toks[0, :3], [6, 7, 8])
@@ -559,3 +559,17 @@ def test_hybrid_drafts_lookups_continuation_where_it_matches_and_the_feature_hea
     np.testing.assert_array_equal(np.asarray(prop.q_col[1]), ids[np.asarray(ref.q_col[1])])
     assert np.asarray(prop.valid[1]).all()
     assert feature_drafter().needs_hidden and hybrid_drafter().needs_hidden
+
+
+def test_verification_widths_hold_every_draft_length():
+    """A step verifies `last` and its drafts in the narrowest compiled width that holds the longest draft of any
+    running row: 1 (no drafts: a plain step), 3, 5, 9, and k + 1."""
+    from aqjax.speculative import verify_widths
+
+    assert verify_widths(4) == (1, 3, 5)
+    assert verify_widths(8) == (1, 3, 5, 9)
+    assert verify_widths(6) == (1, 3, 5, 7)
+    assert verify_widths(1) == (1, 2)
+    for k in range(1, speculative.MAX_DRAFT_K + 1):
+        w = verify_widths(k)
+        assert w[0] == 1 and w[-1] == k + 1 and list(w) == sorted(set(w))

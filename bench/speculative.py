@@ -17,6 +17,8 @@ keeps load changes on a shared machine from favouring one method). Only the deco
 is the same for all). tok/s = tokens generated after the first / loop time. "tok/step" = mean tokens per target
 forward (the mean accepted length plus the bonus token), "accept" = accepted / proposed draft tokens.
 "same" checks that every row's greedy output is identical to plain decoding's (the run fails otherwise).
+With batch 1, the run also measures the ceiling: what a target forward over T = 1, 3, 5, ... positions costs
+in plain steps (`verify_costs`), hence the tokens per step each target needs.
 
 The draft model comes from `scripts/train_draft.py`, the feature draft head from
 `scripts/train_feature_drafter.py` (default locations, or --draft / --feature); without them the "draft" /
@@ -145,6 +147,46 @@ def _measure(runners: dict, reps: int) -> dict:
     return {name: (statistics.median(times[name]),) + out[name][1:] for name in runners}
 
 
+def verify_costs(gen, prompt, k: int, steps: int = 32, reps: int = 3) -> dict[int, float]:
+    """Seconds per target forward over T positions (batch 1, after `prompt`), for every verification width of
+    k drafts (`aqjax.speculative.verify_widths`): the price of a speculative step against a plain one (T = 1)."""
+    import functools
+
+    import jax.numpy as jnp
+    from jax import lax
+
+    from aqjax.cache import KVCache
+    from models.llama import forward, logits_from_hidden
+
+    cfg, params = gen.cfg, gen.params
+    S = 1 << (len(prompt) + 32).bit_length()
+
+    @functools.partial(jax.jit, static_argnames="T", donate_argnums=(1,))
+    def loop(params, cache, T):
+        def body(i, c):
+            h, c = forward(params, jnp.ones((1, T), jnp.int32), c, cfg=cfg, n_new=jnp.ones((1,), jnp.int32))
+            tok = jnp.argmax(logits_from_hidden(params, h, cfg=cfg), axis=-1)
+            return c.replace(lengths=c.lengths + (tok[:, 0] < 0))  # keeps the head's work
+        return lax.fori_loop(0, steps, body, cache)
+
+    def fresh():
+        c = KVCache.init(cfg, 1, S, gen.dtype)
+        return c.replace(lengths=jnp.full((1,), len(prompt), jnp.int32))
+
+    out = {}
+    for T in spec.verify_widths(k):
+        jax.block_until_ready(loop(params, fresh(), T))
+        times = []
+        for _ in range(reps):
+            c = fresh()
+            jax.block_until_ready(c)
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(params, c, T))
+            times.append((time.perf_counter() - t0) / steps)
+        out[T] = statistics.median(times)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -245,6 +287,16 @@ def main(argv=None):
         if r["batch"] == 1 and r["method"] != "plain":
             key = (r["workload"], r["policy"])
             best[key] = max(best.get(key, (0, 0, "")), (r["x"], r["tok_s"], r["method"]))
+    if 1 in [int(x) for x in args.batches.split(",")]:
+        # the ceiling: a step that verifies k drafts costs c plain steps, so x plain <= tokens/step / c
+        costs = verify_costs(gen, _batches(tok, "grounded", 1, 1)[0][0], args.k)
+        c = {T: t / costs[1] for T, t in costs.items()}
+        full = c[args.k + 1]
+        print("\nVerification cost at batch 1 (target forward over T positions, in plain steps): "
+              + ", ".join(f"T={T} {v:.2f}" for T, v in c.items())
+              + f". Ceiling: x plain <= tokens/step / {full:.2f} at full width (drafting costs extra), so "
+              + ", ".join(f"{w} {g}x needs >= {g * full:.2f} tokens/step" for w, g in TARGETS.items())
+              + f"; all {args.k} drafts accepted every step would give {(args.k + 1) / full:.2f}x.")
     print("\nTargets (issue 5, batch 1): >= 2x on grounded, >= 1.4x on chat; llama.cpp ungoverned batch 1: "
           f"~{LLAMA_CPP_B1:.0f} tok/s.")
     for (w, p), (x, rate, kind) in sorted(best.items()):

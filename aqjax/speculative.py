@@ -62,6 +62,7 @@ from aqjax.decode import (
     _verdicts_and_events,
 )
 from aqjax.drafters import (
+    DRAFT_MIN_CONFIDENCE,
     Drafter,
     DraftModel,
     FeatureDraft,
@@ -526,7 +527,9 @@ class SpeculativeGenerator:
         (default: `aqjax.drafters.default_feature_dir`).
       self_layers: layers of the early-exit drafter ("self").
       head_vocab: token ids [0, head_vocab) the "self" drafter's head predicts (None: all).
-      max_ngram / min_ngram: longest / shortest suffix n-gram the "lookup" drafter matches.
+      max_ngram / min_ngram: longest / shortest suffix n-gram the "lookup" (and "hybrid") drafter matches.
+      min_confidence: the "feature" and "hybrid" drafters end a row's draft where the product of the head's top
+        probabilities along it falls below this (0: never; `aqjax.drafters.DRAFT_MIN_CONFIDENCE`).
       adaptive: per-row adaptive draft length (default: on for the model and feature drafters, whose draft
         positions cost a forward each; off for lookup, whose drafts cost nothing, and for hybrid, where a short
         length would cut lookup's long copies).
@@ -538,7 +541,7 @@ class SpeculativeGenerator:
     def __init__(self, gen: Generator, speculative: str = "lookup", *, draft_k: int = 4,
                  draft: DraftModel | str | None = None, feature: FeatureDraft | str | None = None,
                  self_layers: int = 8, head_vocab: int | None = 8192, max_ngram: int = 3, min_ngram: int = 2,
-                 adaptive: bool | None = None):
+                 adaptive: bool | None = None, min_confidence: float = DRAFT_MIN_CONFIDENCE):
         _check_kind(speculative)
         self.gen = gen
         self.cfg, self.params, self.stop_ids = gen.cfg, gen.params, gen.stop_ids
@@ -550,6 +553,8 @@ class SpeculativeGenerator:
         self.max_ngram = int(max_ngram)
         self.min_ngram = int(min_ngram)
         lookup_drafter(self.max_ngram, self.min_ngram)  # validates them
+        self.min_confidence = float(min_confidence)
+        feature_drafter(self.min_confidence)  # validates it
         self.adaptive = adaptive
         self._draft = draft
         self._feature = feature
@@ -592,7 +597,8 @@ class SpeculativeGenerator:
         if kind in ("feature", "hybrid"):
             if self._feature_dparams is None:  # the restricted head is a copy: made once
                 self._feature_dparams = self.feature_draft().dparams(self.params, self.cfg)
-            drafter = feature_drafter() if kind == "feature" else hybrid_drafter(self.max_ngram, self.min_ngram)
+            drafter = (feature_drafter(self.min_confidence) if kind == "feature"
+                       else hybrid_drafter(self.max_ngram, self.min_ngram, self.min_confidence))
             return drafter, self._feature_dparams
         dm = self.draft_model(kind)
         return model_drafter(dm.cfg, share_prefix=(kind == "self"), name=kind), dm.dparams(self.params)

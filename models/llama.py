@@ -277,7 +277,7 @@ def forward(
     return x, new_cache
 
 
-def write_kv(cache: KVCache, new_k, new_v, n_new: Int[Array, "B"]) -> KVCache:
+def write_kv(cache: KVCache, new_k, new_v, n_new: Int[Array, " B"]) -> KVCache:
     """Appends what `forward(write_cache=False)` returned (Float[L, B, K, T, H] each) at every row's length, in
     place; lengths advance by `n_new` (entries past it are written but stale, as in `forward`)."""
     L, B, K, T, H = new_k.shape

@@ -35,6 +35,7 @@
     speculative = "none"            # "lookup": prompt-lookup speculative decoding in chunks over few slots;
                                     #   "feature" / "hybrid": the feature draft head (/ after lookup)
     # feature_draft = "dir"         #   its folder (default: scripts/train_feature_drafter.py's cache folder)
+    # draft_min_confidence = 0.2    #   a feature-head draft ends where its own confidence falls below this
     draft_k = 4                     #   draft tokens per step
     speculative_rows = 1            #   the most slots (a prefix bucket) a speculative chunk runs over
     max_ngram = 3                   #   longest suffix n-gram the lookup matches

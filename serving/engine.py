@@ -75,6 +75,7 @@ from aqjax import decode as _decode
 from aqjax import speculative as _spec
 from aqjax.cache import KVCache
 from aqjax.drafters import (
+    DRAFT_MIN_CONFIDENCE,
     FeatureState,
     HybridState,
     default_feature_dir,
@@ -159,6 +160,8 @@ class EngineConfig:
         state, carried by every chunk (`DecodeState.last_h`); "hybrid" with lookup where it matches, the feature
         head elsewhere. The model drafters with their own KV cache ("self", "draft") are not served.
       feature_draft: the feature draft's folder for "feature" / "hybrid" (None: the training script's default).
+      draft_min_confidence: a feature-head draft ends where the product of the head's top probabilities along it
+        falls below this (0: never; see `aqjax.drafters.DRAFT_MIN_CONFIDENCE`).
       speculative_rows: the largest prefix bucket decoded speculatively (beyond it, a verification forward over
         k + 1 positions per slot costs more than its accepted tokens save; see bench/serve.py).
       speculative_min_tokens: speculate only while the decoding slots' recent tokens per verification step (an
@@ -199,6 +202,7 @@ class EngineConfig:
     speculative_rows: int = 1
     max_ngram: int = 3
     feature_draft: str | None = None
+    draft_min_confidence: float = DRAFT_MIN_CONFIDENCE
     speculative_min_tokens: float = 1.5
     speculative_probe: int = 8
 
@@ -227,6 +231,8 @@ class EngineConfig:
             raise ValueError("EngineConfig.speculative_rows must be >= 0")
         if not 1 <= int(self.max_ngram) <= 8:
             raise ValueError(f"EngineConfig.max_ngram must be in [1, 8], got {self.max_ngram!r}")
+        if not isinstance(self.draft_min_confidence, (int, float)) or not 0 <= self.draft_min_confidence < 1:
+            raise ValueError(f"EngineConfig.draft_min_confidence must be in [0, 1), got {self.draft_min_confidence!r}")
         if self.unroll_layers is not None and not isinstance(self.unroll_layers, bool):
             raise ValueError(f"EngineConfig.unroll_layers must be true or false, got {self.unroll_layers!r}")
 
@@ -680,7 +686,9 @@ class Engine:
         elif config.speculative in ("feature", "hybrid"):
             fd = load_feature_draft(config.feature_draft or default_feature_dir(cfg), cfg)
             self._dparams = fd.dparams(self.params, cfg)
-            self._drafter = feature_drafter() if config.speculative == "feature" else hybrid_drafter(config.max_ngram, min(2, config.max_ngram))
+            conf = float(config.draft_min_confidence)
+            self._drafter = (feature_drafter(conf) if config.speculative == "feature"
+                             else hybrid_drafter(config.max_ngram, min(2, config.max_ngram), conf))
         self._state = self._empty_state()
         self._history = (History.empty(B, config.max_len) if config.speculative in ("lookup", "hybrid")
                          else None)

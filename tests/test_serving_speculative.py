@@ -59,6 +59,8 @@ def test_config_rejects_what_it_cannot_serve():
         EngineConfig(speculative="lookup", draft_k=0)
     with pytest.raises(ValueError, match="speculative_rows"):
         EngineConfig(speculative_rows=-1)
+    with pytest.raises(ValueError, match="draft_min_confidence"):
+        EngineConfig(speculative="hybrid", draft_min_confidence=1.5)
 
 
 def test_greedy_rows_equal_generator_tokens_while_joining_and_leaving():
@@ -214,6 +216,7 @@ def _feature_engine(tmp_path, params, cfg, kind, draft, **kw):
     from aqjax.drafters import save_feature_draft
 
     path = save_feature_draft(tmp_path / kind, draft, target_cfg=cfg)
+    kw = {"draft_min_confidence": 0.0} | kw  # the random heads' drafts run their full length
     return Engine(cfg, params, EngineConfig(slots=4, max_len=64, chunk_steps=3, prefill_chunk=16, min_prompt_bucket=16,
                                             governed=False, speculative=kind, draft_k=3, feature_draft=str(path),
                                             speculative_rows=1, speculative_min_tokens=0.0, **kw), stop_ids=())

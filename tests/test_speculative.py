@@ -50,7 +50,9 @@ def tiny():
                          vocab_ids=np.arange(CFG.vocab_size))
     rand = random_draft(CFG, p, jax.random.key(3), n_layers=1, head_vocab=128)
     feat = random_feature_draft(CFG, jax.random.key(4), head_vocab=160)
-    return gen, SpeculativeGenerator(gen, draft=rand, feature=feat, self_layers=1, head_vocab=None), \
+    # min_confidence 0: the random heads' drafts run their full length (the floor has its own test)
+    return gen, SpeculativeGenerator(gen, draft=rand, feature=feat, self_layers=1, head_vocab=None,
+                                     min_confidence=0.0), \
         SpeculativeGenerator(gen, "draft", draft=perfect)
 
 
@@ -163,7 +165,8 @@ def test_feature_drafter_starts_each_window_from_the_targets_own_hidden_state(ti
     _, gen_exact, fd = _exact_feature_setup()
     k = 3
     for gen, sg, accepted in ((gen_rand, sg_rand, False),
-                              (gen_exact, SpeculativeGenerator(gen_exact, "feature", feature=fd), True)):
+                              (gen_exact, SpeculativeGenerator(gen_exact, "feature", feature=fd, min_confidence=0.0),
+                               True)):
         n, st, run = sg.start(PROMPTS, max_new_tokens=MAX_NEW, speculative="feature", draft_k=k)
         dparams = run.pop("dparams")
         st = speculative.jit_spec_until_done(gen.params, dparams, st, None, **run)
@@ -306,7 +309,8 @@ def _mod_gate(V: int):
 def small():
     gen = Generator(SMALL, init_params(SMALL, jax.random.key(11)), stop_ids=[])
     draft = random_draft(SMALL, gen.params, jax.random.key(12), n_layers=1)
-    return gen, SpeculativeGenerator(gen, draft=draft, feature=random_feature_draft(SMALL, jax.random.key(13)))
+    return gen, SpeculativeGenerator(gen, draft=draft, feature=random_feature_draft(SMALL, jax.random.key(13)),
+                                     min_confidence=0.0)
 
 
 def _exact_joint(gen, prompt, sampling: SamplingConfig, offset: int, n: int = 3):
@@ -573,3 +577,57 @@ def test_verification_widths_hold_every_draft_length():
     for k in range(1, speculative.MAX_DRAFT_K + 1):
         w = verify_widths(k)
         assert w[0] == 1 and w[-1] == k + 1 and list(w) == sorted(set(w))
+
+
+def test_confidence_floor_ends_each_draft_where_the_heads_own_confidence_falls():
+    """With min_confidence c, a row's feature draft ends before the first position where the product of the head's
+    top probabilities along the draft falls below c (recomputed here step by step from the net and the head);
+    the tokens before are the unfloored drafter's. End to end, greedy output stays plain decoding's while fewer
+    drafts are proposed."""
+    from aqjax.drafters import _feature_propose, feature_drafter, feature_step
+
+    k, B = 4, 8
+    gen = Generator(CFG, init_params(CFG, jax.random.key(0)), stop_ids=[])
+    fd = random_feature_draft(CFG, jax.random.key(4), head_vocab=40)
+    fd.net["w_in"] = fd.net["w_in"] * 8.0  # sharper draft distributions: top probabilities spread over (0, 1)
+    dparams = fd.dparams(gen.params, CFG)
+    feat = jax.random.normal(jax.random.key(5), (B, CFG.d_model), jnp.float32)
+    last = jnp.arange(B, dtype=jnp.int32) + 3
+    sp = SamplingParams.from_configs([SamplingConfig()] * B)
+    choose = speculative._make_choose(None, None, sp, speculative._step_keys(sp, jnp.zeros((B,), jnp.int32)),
+                                      CFG.vocab_size, False)
+    n_draft = jnp.full((B,), k, jnp.int32)
+    state = feature_drafter().init(dparams, None, None, last, None, feat)
+
+    # the confidences, independently: the net one position at a time, the head's softmax, the running product
+    f, tok, conf, confs, toks = feat, last, np.ones(B), [], []
+    for _ in range(k):
+        f = feature_step(dparams["net"], f, dparams["embed"][tok].astype(jnp.float32))
+        probs = np.asarray(jax.nn.softmax(f @ dparams["head"], axis=-1))
+        conf = conf * probs.max(axis=-1)
+        tok = dparams["vocab_ids"][probs.argmax(axis=-1)]
+        confs.append(conf)
+        toks.append(np.asarray(tok))
+    confs, toks = np.stack(confs, axis=1), np.stack(toks, axis=1)  # [B, k]
+    floor = float(np.median(confs[:, 1]))
+    assert 0 < floor < 1 and confs[:, 0].max() >= floor  # some rows draft, some stop early
+
+    full, _, _ = _feature_propose(dparams, state, last, choose, None, n_draft, k=k)
+    cut, _, _ = _feature_propose(dparams, state, last, choose, None, n_draft, k=k, min_confidence=floor)
+    assert np.asarray(full.valid).all()
+    np.testing.assert_array_equal(np.asarray(full.tokens), toks)
+    np.testing.assert_array_equal(np.asarray(cut.valid), confs >= floor)
+    v = np.asarray(cut.valid)
+    np.testing.assert_array_equal(np.asarray(cut.tokens)[v], toks[v])
+    assert 0 < v.sum() < B * k
+
+    plain = gen.generate(PROMPTS, max_new_tokens=MAX_NEW)
+    drafted = {}
+    for c in (0.0, floor):
+        res, stats = SpeculativeGenerator(gen, "feature", feature=fd, min_confidence=c).generate(
+            PROMPTS, max_new_tokens=MAX_NEW, return_stats=True)
+        assert [r.tokens for r in res] == [r.tokens for r in plain]
+        drafted[c] = sum(stats.drafted)
+    assert drafted[floor] < drafted[0.0]
+    with pytest.raises(ValueError, match="min_confidence"):
+        SpeculativeGenerator(gen, "feature", feature=fd, min_confidence=1.0)

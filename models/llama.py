@@ -61,12 +61,55 @@ def _attention(q, k_cache, v_cache, bias, *, cfg: LlamaConfig):
       Float[B, T, K, G, H].
     """
     B, T, K, G, H = q.shape
-    # [B, K, T*G, H]: the batched dims (B, K) lead in q and in the cache, so XLA's dots read the cache as is.
-    qg = (q * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q.dtype)).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+    qg = _grouped_queries(q)  # the batched dims (B, K) lead in q and in the cache: XLA's dots read the cache as is
     scores = jnp.einsum("BKQH,BKHS->BKQS", qg, k_cache, preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("BKQS,BKSH->BKQH", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
+
+
+def _online_softmax(carry, s, vb, mask, *, maybe_blind: bool = True):
+    """One block of an online-softmax attention: scores s [B, K, Q, S'] where `mask`, values vb [B, K, S', H].
+    carry = (running max, running sum, running output). `maybe_blind`: a query may have seen nothing yet (its
+    running max still -1e30), so masked scores must be zeroed explicitly rather than by exp underflow."""
+    m, l, acc = carry
+    s = jnp.where(mask, s, -1e30)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    if maybe_blind:
+        p = jnp.where(mask, p, 0.0)
+    corr = jnp.exp(m - m_new)
+    l = l * corr + jnp.sum(p, axis=-1)
+    acc = acc * corr[..., None] + jnp.einsum("BKQS,BKSH->BKQH", p.astype(vb.dtype), vb,
+                                             preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+
+def _walk_cache(qg, k_all, v_all, idx, n_blocks, block: int, visible, *, maybe_blind: bool):
+    """The online softmax of queries qg [B, K, Q, H] over the layer's cache, `block` positions at a time for
+    `n_blocks` blocks, where `visible(kpos)` (kpos: the block's absolute positions). The last block may pass the
+    cache's end: it is read from S - block on, and the positions an earlier block covered are masked out."""
+    B, K, Q, H = qg.shape
+    S = k_all.shape[-1]
+
+    def body(j, carry):
+        first = j * block
+        begin = jnp.minimum(first, S - block)
+        kb = lax.dynamic_slice(k_all, (idx, 0, 0, 0, begin), (1, B, K, H, block))[0]
+        vb = lax.dynamic_slice(v_all, (idx, 0, 0, begin, 0), (1, B, K, block, H))[0]
+        s = jnp.einsum("BKQH,BKHS->BKQS", qg, kb, preferred_element_type=jnp.float32)
+        kpos = begin + jnp.arange(block)
+        return _online_softmax(carry, s, vb, visible(kpos) & (kpos >= first), maybe_blind=maybe_blind)
+
+    init = (jnp.full((B, K, Q), -1e30, jnp.float32), jnp.zeros((B, K, Q), jnp.float32),
+            jnp.zeros((B, K, Q, H), jnp.float32))
+    return lax.fori_loop(0, n_blocks, body, init)
+
+
+def _grouped_queries(q):
+    # [B, T, K, G, H] -> [B, K, T*G, H], scaled: the batched dims (B, K) lead, as in the cache
+    B, T, K, G, H = q.shape
+    return (q * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q.dtype)).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
 
 
 def _attention_blocked(q, k_all, v_all, idx, q_pos, *, cfg: LlamaConfig, block: int):
@@ -80,34 +123,11 @@ def _attention_blocked(q, k_all, v_all, idx, q_pos, *, cfg: LlamaConfig, block: 
       q_pos: Int[B, T] absolute positions of the queries.
     """
     B, T, K, G, H = q.shape
-    S = k_all.shape[-1]
-    Q = T * G
-    qg = (q * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q.dtype)).transpose(0, 2, 1, 3, 4).reshape(B, K, Q, H)
     qp = jnp.repeat(q_pos, G, axis=1)[:, None, :, None]  # [B, 1, Q, 1], query order (t, g)
     n_blocks = (jnp.max(q_pos) + block) // block
-
-    def body(j, carry):
-        m, l, acc = carry
-        # The last block may pass the cache's end: it is read from S - block on, and the positions an earlier
-        # block covered are masked out.
-        first = j * block
-        start = jnp.minimum(first, S - block)
-        kb = lax.dynamic_slice(k_all, (idx, 0, 0, 0, start), (1, B, K, H, block))[0]
-        vb = lax.dynamic_slice(v_all, (idx, 0, 0, start, 0), (1, B, K, block, H))[0]
-        s = jnp.einsum("BKQH,BKHS->BKQS", qg, kb, preferred_element_type=jnp.float32)
-        kpos = start + jnp.arange(block)
-        s = jnp.where((kpos <= qp) & (kpos >= first), s, -1e30)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=-1)
-        acc = acc * corr[..., None] + jnp.einsum("BKQS,BKSH->BKQH", p.astype(vb.dtype), vb,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l, acc
-
-    init = (jnp.full((B, K, Q), -1e30, jnp.float32), jnp.zeros((B, K, Q), jnp.float32),
-            jnp.zeros((B, K, Q, H), jnp.float32))
-    _, l, acc = lax.fori_loop(0, n_blocks, body, init)
+    # every query sees position 0 in the first block
+    _, l, acc = _walk_cache(_grouped_queries(q), k_all, v_all, idx, n_blocks, block, lambda kpos: kpos <= qp,
+                            maybe_blind=False)
     out = acc / l[..., None]
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
 
@@ -122,38 +142,14 @@ def _attention_cached_and_new(q, k_all, v_all, idx, start, k_new, v_new, *, bloc
       block: cache positions per loop iteration (S: the whole cache in one).
     """
     B, T, K, G, H = q.shape
-    S = k_all.shape[-1]
-    Q = T * G
-    qg = (q * (1.0 / jnp.sqrt(jnp.float32(H))).astype(q.dtype)).transpose(0, 2, 1, 3, 4).reshape(B, K, Q, H)
+    qg = _grouped_queries(q)
     st = start[:, None, None, None]  # [B, 1, 1, 1]
-    n_blocks = (jnp.max(start) + block - 1) // block
-
-    def attend(carry, s, vb, mask):
-        m, l, acc = carry
-        s = jnp.where(mask, s, -1e30)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # a row may have nothing visible in a block
-        corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=-1)
-        acc = acc * corr[..., None] + jnp.einsum("BKQS,BKSH->BKQH", p.astype(vb.dtype), vb,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l, acc
-
-    def body(j, carry):
-        first = j * block
-        begin = jnp.minimum(first, S - block)  # the last block is clamped to the cache's end (see above)
-        kb = lax.dynamic_slice(k_all, (idx, 0, 0, 0, begin), (1, B, K, H, block))[0]
-        vb = lax.dynamic_slice(v_all, (idx, 0, 0, begin, 0), (1, B, K, block, H))[0]
-        s = jnp.einsum("BKQH,BKHS->BKQS", qg, kb, preferred_element_type=jnp.float32)
-        kpos = begin + jnp.arange(block)
-        return attend(carry, s, vb, (kpos < st) & (kpos >= first))
-
-    init = (jnp.full((B, K, Q), -1e30, jnp.float32), jnp.zeros((B, K, Q), jnp.float32),
-            jnp.zeros((B, K, Q, H), jnp.float32))
-    carry = lax.fori_loop(0, n_blocks, body, init)
+    # a row with nothing cached sees nothing in any block
+    carry = _walk_cache(qg, k_all, v_all, idx, (jnp.max(start) + block - 1) // block, block, lambda kpos: kpos < st,
+                        maybe_blind=True)
     s = jnp.einsum("BKQH,BKTH->BKQT", qg, k_new.astype(qg.dtype), preferred_element_type=jnp.float32)
     q_t = jnp.repeat(jnp.arange(T), G)  # query order (t, g)
-    _, l, acc = attend(carry, s, v_new, jnp.arange(T)[None, :] <= q_t[:, None])
+    _, l, acc = _online_softmax(carry, s, v_new, jnp.arange(T)[None, :] <= q_t[:, None])
     out = acc / l[..., None]
     return out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
 

@@ -340,12 +340,8 @@ def spec_step(
             return jnp.pad(h, pad), jnp.pad(raw, pad), kv
         return run
 
-    if len(widths) == 1:
-        h, cache = forward(params, inp, dec.cache, cfg=cfg, n_new=running.astype(jnp.int32) * (k + 1))
-        raw = logits_from_hidden(params, h, cfg=cfg)
-    else:
-        h, raw, (k_new, v_new) = lax.switch(which, [verify_forward(T) for T in widths], dec.cache)
-        cache = write_kv(dec.cache, k_new, v_new, running.astype(jnp.int32) * (k + 1))
+    h, raw, (k_new, v_new) = lax.switch(which, [verify_forward(T) for T in widths], dec.cache)
+    cache = write_kv(dec.cache, k_new, v_new, running.astype(jnp.int32) * (k + 1))
     raw = raw.transpose(1, 0, 2)  # [k+1, B, V]
     # From here on only the new cache exists: were the old one still carried (in the commit scan), XLA could not
     # update the cache in place and would copy all of it every step.

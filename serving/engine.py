@@ -22,12 +22,13 @@ and leave that batch between compiled calls; no call ever changes a shape, so no
   insert, decides whether its row's are recorded, and no step computes them while no running slot wants them.
 * `_spec_chunk` (jitted once per prefix bucket up to `speculative_rows`, with `speculative` "lookup", "feature"
   or "hybrid") is `_chunk` with speculative decoding (`aqjax.speculative.spec_chunk`): each of its steps drafts k
-  tokens per slot (by prompt lookup, the feature draft head, or both), verifies them in one forward over k + 1
-  positions, and commits the accepted ones through the gate, so a slot gets 1 to k + 1 tokens per step, exactly
-  those (greedy) or distributed as (sampled) plain decoding gives. The drafter's state is rebuilt at the start of
-  the chunk from what every chunk carries: each slot's prompt (kept in `History`, written by the prefill pieces
-  and the insert) and output, and its last hidden state (`DecodeState.last_h`), so the engine picks a plain or
-  a speculative chunk per iteration by how many slots are decoding.
+  tokens per slot (by prompt lookup, the feature draft head, or both), verifies them in one forward over at most
+  k + 1 positions (`aqjax.speculative.verify_widths`), and commits the accepted ones through the gate, so a slot
+  gets 1 to k + 1 tokens per step, exactly those (greedy) or distributed as (sampled) plain decoding gives. The
+  drafter's state is rebuilt at the start of the chunk from what every chunk carries: each slot's prompt (kept in
+  `History`, written by the prefill pieces and the insert) and output, and its last hidden state
+  (`DecodeState.last_h`), so the engine picks a plain or a speculative chunk per iteration by how many slots are
+  decoding.
 * `_take_row` reads a finished slot's verdict, events and gate state; `_stop_rows` ends cancelled slots.
 
 Threads and queues:
@@ -681,14 +682,15 @@ class Engine:
         self._table = (jax.tree.map(jnp.asarray, gating.empty_table(self._env, self.vocab_size, B))
                        if self.gate is not None else None)
         self._drafter, self._dparams = None, ()
+        min_ngram = min(2, config.max_ngram)  # the drafters' default, unless max_ngram is 1
         if config.speculative == "lookup":
-            self._drafter = lookup_drafter(config.max_ngram, min(2, config.max_ngram))
+            self._drafter = lookup_drafter(config.max_ngram, min_ngram)
         elif config.speculative in ("feature", "hybrid"):
             fd = load_feature_draft(config.feature_draft or default_feature_dir(cfg), cfg)
             self._dparams = fd.dparams(self.params, cfg)
             conf = float(config.draft_min_confidence)
             self._drafter = (feature_drafter(conf) if config.speculative == "feature"
-                             else hybrid_drafter(config.max_ngram, min(2, config.max_ngram), conf))
+                             else hybrid_drafter(config.max_ngram, min_ngram, conf))
         self._state = self._empty_state()
         self._history = (History.empty(B, config.max_len) if config.speculative in ("lookup", "hybrid")
                          else None)
